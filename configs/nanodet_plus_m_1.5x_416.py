@@ -1,0 +1,7 @@
+"""NanoDet-Plus-m-1.5x at 416x416 (NanoDet's config/nanodet-plus-m-1.5x_416.yml)."""
+
+from nanodet_jax.default_config import nanodet_plus_config
+
+
+def get_config():
+    return nanodet_plus_config(model_size="1.5x", input_size=416)

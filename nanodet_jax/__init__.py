@@ -1,0 +1,6 @@
+"""nanodet-jax: NanoDet-Plus in JAX / Flax NNX."""
+
+from nanodet_jax.model import NanoDetPlus, build_model
+
+__version__ = "0.1.0"
+__all__ = ["NanoDetPlus", "build_model", "__version__"]

@@ -1,0 +1,123 @@
+"""Orbax checkpoints of model weights.
+
+A checkpoint directory is an orbax ``CheckpointManager`` directory; each step holds
+the item ``model`` (the model's full NNX state: parameters, BatchNorm statistics,
+buffers), optionally ``ema`` (the EMA weights, which evaluation prefers), and a
+JSON ``meta`` item. Training adds its own items (optimizer state, data iterator)
+beside these; weight-only readers ignore them.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+from flax import nnx
+
+from nanodet_jax.convert import WeightMismatchError
+
+log = logging.getLogger("nanodet_jax")
+FORMAT_VERSION = 1
+
+
+def _flat_shapes(tree: Any) -> dict[str, tuple]:
+    out = {}
+    for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+        key = ".".join(str(getattr(p, "key", getattr(p, "idx", p))) for p in path)
+        shape = leaf.shape if hasattr(leaf, "shape") else np.shape(leaf)
+        out[key] = tuple(shape)
+    return out
+
+
+def model_meta(config: Any) -> dict:
+    return {
+        "format_version": FORMAT_VERSION,
+        "name": config.get("name", ""),
+        "class_names": list(config.class_names),
+        "input_size": list(config.data.val.input_size),
+    }
+
+
+def manager(directory: str | os.PathLike, max_to_keep: int | None = None, **options) -> ocp.CheckpointManager:
+    opts = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True, **options)
+    return ocp.CheckpointManager(os.path.abspath(directory), options=opts)
+
+
+def save_weights(directory: str | os.PathLike, model: nnx.Module, config: Any, step: int = 0) -> None:
+    """Write ``model``'s weights as step ``step`` of an orbax checkpoint directory."""
+    mngr = manager(directory)
+    state = nnx.to_pure_dict(nnx.state(model))
+    mngr.save(step, args=ocp.args.Composite(model=ocp.args.StandardSave(state),
+                                            meta=ocp.args.JsonSave(model_meta(config))))  # fmt: skip
+    mngr.wait_until_finished()
+    mngr.close()
+
+
+def restore_weights(
+    directory: str | os.PathLike,
+    model: nnx.Module,
+    step: int | None = None,
+    prefer_ema: bool = True,
+) -> dict:
+    """Load weights from an orbax checkpoint directory into ``model`` in place.
+
+    Takes the latest step unless ``step`` is given, and the ``ema`` item when it
+    exists (unless ``prefer_ema`` is False). Returns the checkpoint's ``meta``.
+    A checkpoint of another architecture raises :class:`WeightMismatchError`.
+    """
+    directory = os.path.abspath(directory)
+    if not os.path.isdir(directory):
+        raise FileNotFoundError(f"{directory}: no such checkpoint directory")
+    mngr = manager(directory)
+    step = mngr.latest_step() if step is None else step
+    if step is None:
+        raise FileNotFoundError(f"{directory}: contains no orbax checkpoint steps")
+    items = mngr.item_metadata(step)
+    names = [k for k in items.keys() if items[k] is not None]
+    item = "ema" if prefer_ema and "ema" in names else "model"
+    if item not in names:
+        raise WeightMismatchError(f"{directory} step {step} has no model weights (items: {names})")
+
+    # The model's state may hold only the inference part (no aux branch) of a training
+    # checkpoint; check shapes of what the model needs and restore just that.
+    target = nnx.to_pure_dict(nnx.state(model))
+    saved = _flat_shapes(items[item].tree)
+    wanted = _flat_shapes(target)
+    missing = [k for k in wanted if k not in saved]
+    mismatched = [f"{k}: checkpoint {saved[k]}, model {s}" for k, s in wanted.items()
+                  if k in saved and saved[k] != s]  # fmt: skip
+    if missing or mismatched:
+        lines = [f"checkpoint {directory} (step {step}, item {item!r}) does not fit this model:"]
+        for title, keys in (("missing", missing), ("shape mismatch", mismatched)):
+            if keys:
+                lines += [f"  {title} ({len(keys)}):"] + [f"    {k}" for k in keys[:40]]
+        raise WeightMismatchError("\n".join(lines))
+    extra = [k for k in saved if k not in wanted]
+    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
+    if extra:
+        # Restore everything and keep the model's part: orbax needs the saved tree's structure.
+        abstract = None
+    restored = mngr.restore(step, args=ocp.args.Composite(
+        **{item: ocp.args.StandardRestore(abstract)}, meta=ocp.args.JsonRestore()))  # fmt: skip
+    values = _select_like(target, restored[item])
+    state = nnx.state(model)
+    nnx.replace_by_pure_dict(state, values)
+    nnx.update(model, state)
+    mngr.close()
+    log.info(f"restored {item} weights from {directory} step {step}")
+    return dict(restored["meta"] or {})
+
+
+def _select_like(target: Any, source: Any) -> Any:
+    """The subtree of ``source`` with ``target``'s structure (keys may be str in ``source``)."""
+    if isinstance(target, dict):
+        out = {}
+        for k, v in target.items():
+            sub = source[k] if k in source else source[str(k)]
+            out[k] = _select_like(v, sub)
+        return out
+    return source

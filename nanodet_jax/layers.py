@@ -1,0 +1,362 @@
+"""Building blocks with PyTorch semantics, NHWC activations and PyTorch parameter names.
+
+Every module stores its parameters under the names NanoDet's PyTorch modules use
+(``weight``, ``bias``, ``running_mean``, ...) and containers index their children
+like ``nn.Sequential`` / ``nn.ModuleList`` do, so that a model's state path joined
+with dots *is* the PyTorch state_dict key (see ``convert.py``). Layout differs
+only where NHWC requires it: conv kernels are HWIO here, OIHW in PyTorch.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from jax import lax
+
+from nanodet_jax.ops import depthwise_conv2d
+
+Initializer = Callable[[jax.Array, tuple[int, ...], jnp.dtype], jax.Array]
+
+
+class Buffer(nnx.Variable):
+    """A non-trainable tensor that is part of the state_dict (PyTorch's register_buffer)."""
+
+
+class Sequential(nnx.List):
+    """``nn.Sequential``: children are addressed by position (``branch2.3.weight``)."""
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        for layer in self:
+            x = layer(x)
+        return x
+
+
+ACTIVATIONS: dict[str | None, Callable[[jax.Array], jax.Array]] = {
+    None: lambda x: x,
+    "ReLU": jax.nn.relu,
+    # NanoDet builds LeakyReLU with negative_slope=0.1 (not PyTorch's 0.01 default).
+    "LeakyReLU": lambda x: jax.nn.leaky_relu(x, 0.1),
+    "ReLU6": jax.nn.relu6,
+    "SELU": jax.nn.selu,
+    "ELU": jax.nn.elu,
+    "GELU": lambda x: jax.nn.gelu(x, approximate=False),
+    "SiLU": jax.nn.silu,
+    "HardSwish": jax.nn.hard_swish,
+    "Hardswish": jax.nn.hard_swish,
+}
+
+
+class Activation(nnx.Module):
+    """A parameter-free activation layer, selected by NanoDet's activation name."""
+
+    def __init__(self, name: str | None):
+        if name not in ACTIVATIONS:
+            raise ValueError(
+                f"unsupported activation {name!r}; choose one of "
+                f"{sorted(k for k in ACTIVATIONS if k)} (PReLU is not supported)"
+            )
+        self.name = name
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return ACTIVATIONS[self.name](x)
+
+
+def _torch_fans(shape_hwio: tuple[int, ...]) -> tuple[int, int]:
+    kh, kw, cin_per_group, cout = shape_hwio
+    receptive = kh * kw
+    return cin_per_group * receptive, cout * receptive
+
+
+def kaiming_normal(mode: str = "fan_out") -> Initializer:
+    """``nn.init.kaiming_normal_`` for an HWIO kernel (fans computed as PyTorch does for OIHW).
+
+    NanoDet's ``kaiming_init`` passes ``a=0``, so the gain is sqrt(2) for both
+    ReLU and LeakyReLU.
+    """
+    gain = math.sqrt(2.0)
+
+    def init(key, shape, dtype=jnp.float32):
+        fan_in, fan_out = _torch_fans(shape)
+        std = gain / math.sqrt(fan_out if mode == "fan_out" else fan_in)
+        return std * jax.random.normal(key, shape, dtype)
+
+    return init
+
+
+def normal(std: float) -> Initializer:
+    return lambda key, shape, dtype=jnp.float32: std * jax.random.normal(key, shape, dtype)
+
+
+def torch_default_conv_init() -> Initializer:
+    """``nn.Conv2d``'s own reset_parameters: kaiming_uniform(a=sqrt(5)) == U(+-1/sqrt(fan_in))."""
+
+    def init(key, shape, dtype=jnp.float32):
+        fan_in, _ = _torch_fans(shape)
+        bound = 1.0 / math.sqrt(fan_in)
+        return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+    return init
+
+
+class Conv2d(nnx.Module):
+    """``nn.Conv2d`` on NHWC inputs; ``weight`` is HWIO ``[kh, kw, cin // groups, cout]``."""
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int,
+        stride: int = 1,
+        padding: int = 0,
+        groups: int = 1,
+        bias: bool = True,
+        *,
+        kernel_init: Initializer | None = None,
+        bias_init: float | None = None,
+        rngs: nnx.Rngs,
+    ):
+        if in_channels % groups or out_channels % groups:
+            raise ValueError(f"channels {in_channels}->{out_channels} not divisible by {groups}")
+        self.stride = stride
+        self.padding = padding
+        self.groups = groups
+        self.depthwise = groups == in_channels == out_channels and groups > 1
+        shape = (kernel_size, kernel_size, in_channels // groups, out_channels)
+        init = kernel_init or torch_default_conv_init()
+        self.weight = nnx.Param(init(rngs.params(), shape, jnp.float32))
+        if bias:
+            if bias_init is None:
+                bound = 1.0 / math.sqrt(_torch_fans(shape)[0])
+                value = jax.random.uniform(rngs.params(), (out_channels,), jnp.float32, -bound, bound)
+            else:
+                value = jnp.full((out_channels,), bias_init, jnp.float32)
+            self.bias = nnx.Param(value)
+        else:
+            self.bias = None
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        kernel = self.weight[...].astype(x.dtype)
+        if self.depthwise:
+            y = depthwise_conv2d(x, kernel, self.stride, self.padding)
+        else:
+            pad = ((self.padding, self.padding), (self.padding, self.padding))
+            y = lax.conv_general_dilated(
+                x,
+                kernel,
+                window_strides=(self.stride, self.stride),
+                padding=pad,
+                dimension_numbers=("NHWC", "HWIO", "NHWC"),
+                feature_group_count=self.groups,
+            )
+        if self.bias is not None:
+            y = y + self.bias[...].astype(y.dtype)
+        return y
+
+
+class BatchNorm2d(nnx.Module):
+    """``nn.BatchNorm2d`` with PyTorch's training semantics.
+
+    Training normalises with the biased batch variance but updates ``running_var``
+    with the unbiased one; ``momentum`` is PyTorch's (weight of the new batch).
+    Under ``jax.jit`` with a batch-sharded input the batch statistics are global
+    (what PyTorch needs SyncBatchNorm for). Statistics are computed in float32.
+    """
+
+    def __init__(self, num_features: int, eps: float = 1e-5, momentum: float = 0.1):
+        self.eps = eps
+        self.momentum = momentum
+        self.use_running_average = False
+        self.weight = nnx.Param(jnp.ones((num_features,), jnp.float32))
+        self.bias = nnx.Param(jnp.zeros((num_features,), jnp.float32))
+        self.running_mean = nnx.BatchStat(jnp.zeros((num_features,), jnp.float32))
+        self.running_var = nnx.BatchStat(jnp.ones((num_features,), jnp.float32))
+        self.num_batches_tracked = nnx.BatchStat(jnp.zeros((), jnp.int32))
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        if self.use_running_average:
+            mean, var = self.running_mean[...], self.running_var[...]
+        else:
+            xf = x.astype(jnp.float32)
+            mean = jnp.mean(xf, axis=(0, 1, 2))
+            var = jnp.mean(jnp.square(xf - mean), axis=(0, 1, 2))
+            n = x.shape[0] * x.shape[1] * x.shape[2]
+            unbiased = var * (n / max(n - 1, 1))
+            m = self.momentum
+            self.running_mean[...] = (1 - m) * self.running_mean[...] + m * lax.stop_gradient(mean)
+            self.running_var[...] = (1 - m) * self.running_var[...] + m * lax.stop_gradient(
+                unbiased
+            )
+            self.num_batches_tracked[...] = self.num_batches_tracked[...] + 1
+        scale = self.weight[...] * lax.rsqrt(var + self.eps)
+        shift = self.bias[...] - mean * scale
+        return (x * scale.astype(x.dtype) + shift.astype(x.dtype)).astype(x.dtype)
+
+
+class GroupNorm(nnx.Module):
+    """``nn.GroupNorm`` over NHWC (channels split into ``num_groups`` contiguous groups)."""
+
+    def __init__(self, num_groups: int, num_channels: int, eps: float = 1e-5):
+        if num_channels % num_groups:
+            raise ValueError(f"GroupNorm: {num_channels} channels not divisible by {num_groups}")
+        self.num_groups = num_groups
+        self.eps = eps
+        self.weight = nnx.Param(jnp.ones((num_channels,), jnp.float32))
+        self.bias = nnx.Param(jnp.zeros((num_channels,), jnp.float32))
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        b, h, w, c = x.shape
+        xg = x.astype(jnp.float32).reshape(b, h, w, self.num_groups, c // self.num_groups)
+        mean = jnp.mean(xg, axis=(1, 2, 4), keepdims=True)
+        var = jnp.mean(jnp.square(xg - mean), axis=(1, 2, 4), keepdims=True)
+        y = ((xg - mean) * lax.rsqrt(var + self.eps)).reshape(b, h, w, c)
+        return (y * self.weight[...] + self.bias[...]).astype(x.dtype)
+
+
+class Scale(nnx.Module):
+    """A learnable scalar multiplier (NanoDet's ``Scale``)."""
+
+    def __init__(self, value: float = 1.0):
+        self.scale = nnx.Param(jnp.asarray(value, jnp.float32))
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return x * self.scale[...].astype(x.dtype)
+
+
+def build_norm(norm_cfg: dict | None, channels: int) -> tuple[str, nnx.Module] | None:
+    """NanoDet's ``build_norm_layer``: returns the attribute name PyTorch uses and the layer."""
+    if norm_cfg is None:
+        return None
+    kind = norm_cfg["type"]
+    eps = norm_cfg.get("eps", 1e-5)
+    if kind in ("BN", "SyncBN"):
+        return "bn", BatchNorm2d(channels, eps=eps)
+    if kind == "GN":
+        return "gn", GroupNorm(norm_cfg["num_groups"], channels, eps=eps)
+    raise ValueError(f"unsupported norm type {kind!r} (use BN, SyncBN or GN)")
+
+
+class ConvModule(nnx.Module):
+    """NanoDet's ConvModule with order (conv, norm, act); norm is named ``bn`` or ``gn``."""
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int,
+        stride: int = 1,
+        padding: int = 0,
+        groups: int = 1,
+        bias: bool | str = "auto",
+        norm_cfg: dict | None = None,
+        activation: str | None = "ReLU",
+        *,
+        kernel_init: Initializer | None = None,
+        rngs: nnx.Rngs,
+    ):
+        with_bias = norm_cfg is None if bias == "auto" else bool(bias)
+        self.conv = Conv2d(
+            in_channels, out_channels, kernel_size, stride, padding, groups, with_bias,
+            kernel_init=kernel_init or kaiming_normal("fan_out"),
+            bias_init=0.0, rngs=rngs,
+        )  # fmt: skip
+        self.norm_name = None
+        norm = build_norm(norm_cfg, out_channels)
+        if norm is not None:
+            self.norm_name, layer = norm
+            setattr(self, self.norm_name, layer)
+        self.act = Activation(activation)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x = self.conv(x)
+        if self.norm_name is not None:
+            x = getattr(self, self.norm_name)(x)
+        return self.act(x)
+
+
+class DepthwiseConvModule(nnx.Module):
+    """NanoDet's DepthwiseConvModule: depthwise -> dwnorm -> act -> pointwise -> pwnorm -> act."""
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int,
+        stride: int = 1,
+        padding: int = 0,
+        bias: bool | str = "auto",
+        norm_cfg: dict | None = None,
+        activation: str | None = "ReLU",
+        *,
+        kernel_init: Initializer | None = None,
+        rngs: nnx.Rngs,
+    ):
+        # NanoDet's module always normalises (its forward fails without a norm),
+        # so "auto" means no conv bias.
+        norm_cfg = norm_cfg or {"type": "BN"}
+        with_bias = bias is True
+        init = kernel_init or kaiming_normal("fan_out")
+        self.depthwise = Conv2d(
+            in_channels, in_channels, kernel_size, stride, padding, groups=in_channels,
+            bias=with_bias, kernel_init=init, bias_init=0.0, rngs=rngs,
+        )  # fmt: skip
+        self.pointwise = Conv2d(
+            in_channels, out_channels, 1, bias=with_bias, kernel_init=init, bias_init=0.0,
+            rngs=rngs,
+        )  # fmt: skip
+        self.dwnorm = build_norm(norm_cfg, in_channels)[1]
+        self.pwnorm = build_norm(norm_cfg, out_channels)[1]
+        self.act = Activation(activation)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x = self.act(self.dwnorm(self.depthwise(x)))
+        return self.act(self.pwnorm(self.pointwise(x)))
+
+
+def upsample_bilinear_2x(x: jax.Array) -> jax.Array:
+    """``nn.Upsample(scale_factor=2, mode="bilinear", align_corners=False)`` on NHWC.
+
+    With half-pixel centres every output pixel mixes its two nearest inputs with
+    weights 3/4 and 1/4; at the borders PyTorch clamps the source index, which
+    is the same as replicating the edge row/column.
+    """
+
+    def along(axis: int, v: jax.Array) -> jax.Array:
+        n = v.shape[axis]
+        first = lax.slice_in_dim(v, 0, 1, axis=axis)
+        last = lax.slice_in_dim(v, n - 1, n, axis=axis)
+        prev = jnp.concatenate([first, lax.slice_in_dim(v, 0, n - 1, axis=axis)], axis=axis)
+        nxt = jnp.concatenate([lax.slice_in_dim(v, 1, n, axis=axis), last], axis=axis)
+        even = 0.25 * prev + 0.75 * v
+        odd = 0.75 * v + 0.25 * nxt
+        stacked = jnp.stack([even, odd], axis=axis + 1)
+        shape = list(v.shape)
+        shape[axis] = 2 * n
+        return stacked.reshape(shape)
+
+    return along(2, along(1, x))
+
+
+def upsample_nearest_2x(x: jax.Array) -> jax.Array:
+    return jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
+
+
+def max_pool_3x3_s2(x: jax.Array) -> jax.Array:
+    """``nn.MaxPool2d(kernel_size=3, stride=2, padding=1)`` (padding never wins the max)."""
+    return lax.reduce_window(
+        x, -jnp.inf, lax.max, (1, 3, 3, 1), (1, 2, 2, 1), ((0, 0), (1, 1), (1, 1), (0, 0))
+    )
+
+
+def channel_shuffle(x: jax.Array, groups: int) -> jax.Array:
+    """ShuffleNet's channel shuffle on the last (channel) axis."""
+    *lead, c = x.shape
+    x = x.reshape(*lead, groups, c // groups)
+    return jnp.swapaxes(x, -1, -2).reshape(*lead, c)
+
+
+def concat_channels(xs: Sequence[jax.Array]) -> jax.Array:
+    return jnp.concatenate(list(xs), axis=-1)
