@@ -47,21 +47,34 @@ class ShuffleV2Block(nnx.Module):
         self.stride = stride
 
         def conv(cin, cout, k, s=1, p=0, groups=1):
-            return Conv2d(cin, cout, k, s, p, groups, bias=False, kernel_init=_shufflenet_init,
-                          rngs=rngs)  # fmt: skip
+            return Conv2d(
+                cin, cout, k, s, p, groups, bias=False, kernel_init=_shufflenet_init, rngs=rngs
+            )
 
         if stride > 1:
-            self.branch1 = Sequential([
-                conv(inp, inp, 3, stride, 1, groups=inp), _bn(inp),
-                conv(inp, branch, 1), _bn(branch), Activation(activation),
-            ])  # fmt: skip
+            self.branch1 = Sequential(
+                [
+                    conv(inp, inp, 3, stride, 1, groups=inp),
+                    _bn(inp),
+                    conv(inp, branch, 1),
+                    _bn(branch),
+                    Activation(activation),
+                ]
+            )
         else:
             self.branch1 = Sequential([])
-        self.branch2 = Sequential([
-            conv(inp if stride > 1 else branch, branch, 1), _bn(branch), Activation(activation),
-            conv(branch, branch, 3, stride, 1, groups=branch), _bn(branch),
-            conv(branch, branch, 1), _bn(branch), Activation(activation),
-        ])  # fmt: skip
+        self.branch2 = Sequential(
+            [
+                conv(inp if stride > 1 else branch, branch, 1),
+                _bn(branch),
+                Activation(activation),
+                conv(branch, branch, 3, stride, 1, groups=branch),
+                _bn(branch),
+                conv(branch, branch, 1),
+                _bn(branch),
+                Activation(activation),
+            ]
+        )
 
     def __call__(self, x: jax.Array) -> jax.Array:
         if self.stride == 1:
@@ -93,15 +106,23 @@ class ShuffleNetV2(nnx.Module):
             raise NotImplementedError("with_last_conv=True is not used by NanoDet-Plus")
         self.out_stages = tuple(out_stages)
         channels = STAGE_OUT_CHANNELS[model_size]
-        self.conv1 = Sequential([
-            Conv2d(3, channels[0], 3, 2, 1, bias=False, kernel_init=_shufflenet_init, rngs=rngs),
-            _bn(channels[0]),
-            Activation(activation),
-        ])  # fmt: skip
+        self.conv1 = Sequential(
+            [
+                Conv2d(
+                    3, channels[0], 3, 2, 1, bias=False, kernel_init=_shufflenet_init, rngs=rngs
+                ),
+                _bn(channels[0]),
+                Activation(activation),
+            ]
+        )
         cin = channels[0]
-        for name, repeats, cout in zip(("stage2", "stage3", "stage4"), STAGE_REPEATS, channels[1:4]):
+        for name, repeats, cout in zip(
+            ("stage2", "stage3", "stage4"), STAGE_REPEATS, channels[1:4]
+        ):
             blocks = [ShuffleV2Block(cin, cout, 2, activation, rngs=rngs)]
-            blocks += [ShuffleV2Block(cout, cout, 1, activation, rngs=rngs) for _ in range(repeats - 1)]
+            blocks += [
+                ShuffleV2Block(cout, cout, 1, activation, rngs=rngs) for _ in range(repeats - 1)
+            ]
             setattr(self, name, Sequential(blocks))
             cin = cout
         self.out_channels = [channels[s - 1] for s in self.out_stages]

@@ -42,17 +42,25 @@ def model_meta(config: Any) -> dict:
     }
 
 
-def manager(directory: str | os.PathLike, max_to_keep: int | None = None, **options) -> ocp.CheckpointManager:
+def manager(
+    directory: str | os.PathLike, max_to_keep: int | None = None, **options
+) -> ocp.CheckpointManager:
     opts = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True, **options)
     return ocp.CheckpointManager(os.path.abspath(directory), options=opts)
 
 
-def save_weights(directory: str | os.PathLike, model: nnx.Module, config: Any, step: int = 0) -> None:
+def save_weights(
+    directory: str | os.PathLike, model: nnx.Module, config: Any, step: int = 0
+) -> None:
     """Write ``model``'s weights as step ``step`` of an orbax checkpoint directory."""
     mngr = manager(directory)
     state = nnx.to_pure_dict(nnx.state(model))
-    mngr.save(step, args=ocp.args.Composite(model=ocp.args.StandardSave(state),
-                                            meta=ocp.args.JsonSave(model_meta(config))))  # fmt: skip
+    mngr.save(
+        step,
+        args=ocp.args.Composite(
+            model=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(model_meta(config))
+        ),
+    )
     mngr.wait_until_finished()
     mngr.close()
 
@@ -88,8 +96,11 @@ def restore_weights(
     saved = _flat_shapes(items[item].tree)
     wanted = _flat_shapes(target)
     missing = [k for k in wanted if k not in saved]
-    mismatched = [f"{k}: checkpoint {saved[k]}, model {s}" for k, s in wanted.items()
-                  if k in saved and saved[k] != s]  # fmt: skip
+    mismatched = [
+        f"{k}: checkpoint {saved[k]}, model {s}"
+        for k, s in wanted.items()
+        if k in saved and saved[k] != s
+    ]
     if missing or mismatched:
         lines = [f"checkpoint {directory} (step {step}, item {item!r}) does not fit this model:"]
         for title, keys in (("missing", missing), ("shape mismatch", mismatched)):
@@ -101,8 +112,12 @@ def restore_weights(
     if extra:
         # Restore everything and keep the model's part: orbax needs the saved tree's structure.
         abstract = None
-    restored = mngr.restore(step, args=ocp.args.Composite(
-        **{item: ocp.args.StandardRestore(abstract)}, meta=ocp.args.JsonRestore()))  # fmt: skip
+    restored = mngr.restore(
+        step,
+        args=ocp.args.Composite(
+            **{item: ocp.args.StandardRestore(abstract)}, meta=ocp.args.JsonRestore()
+        ),
+    )
     values = _select_like(target, restored[item])
     state = nnx.state(model)
     nnx.replace_by_pure_dict(state, values)

@@ -60,11 +60,11 @@ def apply_overrides(config: ml_collections.ConfigDict, overrides: Sequence[str])
         if not arg.startswith(OVERRIDE_PREFIX):
             raise ValueError(f"unrecognised argument {arg!r}")
         if "=" in arg:
-            dotted, text = arg[len(OVERRIDE_PREFIX):].split("=", 1)
+            dotted, text = arg[len(OVERRIDE_PREFIX) :].split("=", 1)
         else:
             if i + 1 >= len(args):
                 raise ValueError(f"{arg} needs a value")
-            dotted, text = arg[len(OVERRIDE_PREFIX):], args[i + 1]
+            dotted, text = arg[len(OVERRIDE_PREFIX) :], args[i + 1]
             i += 1
         i += 1
         *parents, leaf = dotted.split(".")
@@ -84,7 +84,9 @@ def apply_overrides(config: ml_collections.ConfigDict, overrides: Sequence[str])
             node[leaf] = value
 
 
-def load_config(path: str | os.PathLike, overrides: Sequence[str] = ()) -> ml_collections.ConfigDict:
+def load_config(
+    path: str | os.PathLike, overrides: Sequence[str] = ()
+) -> ml_collections.ConfigDict:
     config = load_config_file(path)
     apply_overrides(config, overrides)
     return config

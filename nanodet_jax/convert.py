@@ -92,17 +92,25 @@ def extract_state_dict(obj: Mapping[str, Any], prefer_ema: bool = True) -> tuple
     weights; EMA is preferred (it is what NanoDet evaluates and exports) unless
     ``prefer_ema`` is False. Returns the state_dict and which weights were taken.
     """
-    sd = obj["state_dict"] if "state_dict" in obj and isinstance(obj["state_dict"], Mapping) else obj
+    sd = (
+        obj["state_dict"] if "state_dict" in obj and isinstance(obj["state_dict"], Mapping) else obj
+    )
     keys = list(sd)
     which = "state_dict"
     has_ema = any(k.startswith(EMA_PREFIX) for k in keys)
     has_model = any(k.startswith(MODEL_PREFIX) for k in keys)
     if has_ema and (prefer_ema or not has_model):
-        sd, which = {k[len(EMA_PREFIX):]: v for k, v in sd.items() if k.startswith(EMA_PREFIX)}, "EMA"
+        sd, which = (
+            {k[len(EMA_PREFIX) :]: v for k, v in sd.items() if k.startswith(EMA_PREFIX)},
+            "EMA",
+        )
     elif has_model:
-        sd, which = {k[len(MODEL_PREFIX):]: v for k, v in sd.items() if k.startswith(MODEL_PREFIX)}, "model"
+        sd, which = (
+            {k[len(MODEL_PREFIX) :]: v for k, v in sd.items() if k.startswith(MODEL_PREFIX)},
+            "model",
+        )
     if sd and all(k.startswith(DDP_PREFIX) for k in sd):
-        sd = {k[len(DDP_PREFIX):]: v for k, v in sd.items()}
+        sd = {k[len(DDP_PREFIX) :]: v for k, v in sd.items()}
     out = {}
     for k, v in sd.items():
         if hasattr(v, "detach"):  # torch.Tensor
@@ -154,16 +162,25 @@ def load_torch_weights(
                 reinit.append(k)
             else:
                 torch_expected = tuple(to_torch_layout(np.zeros(expected, np.int8)).shape)
-                mismatched.append(f"{k}: checkpoint {tuple(state[k].shape)}, model {torch_expected}")
+                mismatched.append(
+                    f"{k}: checkpoint {tuple(state[k].shape)}, model {torch_expected}"
+                )
     if missing or unexpected or mismatched:
         lines = [f"{source} does not fit this model:"]
-        for title, items in (("missing", missing), ("unexpected", unexpected),
-                             ("shape mismatch", mismatched)):  # fmt: skip
+        for title, items in (
+            ("missing", missing),
+            ("unexpected", unexpected),
+            ("shape mismatch", mismatched),
+        ):
             if items:
-                shown = items[:40] + ([f"... and {len(items) - 40} more"] if len(items) > 40 else [])
+                shown = items[:40] + (
+                    [f"... and {len(items) - 40} more"] if len(items) > 40 else []
+                )
                 lines.append(f"  {title} ({len(items)}):")
                 lines += [f"    {s}" for s in shown]
-        lines.append("  (check that --config matches the architecture the weights were trained with)")
+        lines.append(
+            "  (check that --config matches the architecture the weights were trained with)"
+        )
         raise WeightMismatchError("\n".join(lines))
 
     loaded = []

@@ -43,17 +43,31 @@ class GhostModule(nnx.Module):
             # An absent activation is an empty nn.Sequential in NanoDet: no parameters either way.
             return [Activation(activation)] if activation else []
 
-        self.primary_conv = Sequential([
-            Conv2d(inp, init_channels, kernel_size, stride, kernel_size // 2, bias=False, rngs=rngs),
-            BatchNorm2d(init_channels),
-            *act(),
-        ])  # fmt: skip
-        self.cheap_operation = Sequential([
-            Conv2d(init_channels, new_channels, dw_size, 1, dw_size // 2, groups=init_channels,
-                   bias=False, rngs=rngs),
-            BatchNorm2d(new_channels),
-            *act(),
-        ])  # fmt: skip
+        self.primary_conv = Sequential(
+            [
+                Conv2d(
+                    inp, init_channels, kernel_size, stride, kernel_size // 2, bias=False, rngs=rngs
+                ),
+                BatchNorm2d(init_channels),
+                *act(),
+            ]
+        )
+        self.cheap_operation = Sequential(
+            [
+                Conv2d(
+                    init_channels,
+                    new_channels,
+                    dw_size,
+                    1,
+                    dw_size // 2,
+                    groups=init_channels,
+                    bias=False,
+                    rngs=rngs,
+                ),
+                BatchNorm2d(new_channels),
+                *act(),
+            ]
+        )
 
     def __call__(self, x: jax.Array) -> jax.Array:
         x1 = self.primary_conv(x)
@@ -77,20 +91,38 @@ class GhostBottleneck(nnx.Module):
         self.stride = stride
         self.ghost1 = GhostModule(in_chs, mid_chs, activation=activation, rngs=rngs)
         if stride > 1:
-            self.conv_dw = Conv2d(mid_chs, mid_chs, dw_kernel_size, stride,
-                                  (dw_kernel_size - 1) // 2, groups=mid_chs, bias=False, rngs=rngs)
+            self.conv_dw = Conv2d(
+                mid_chs,
+                mid_chs,
+                dw_kernel_size,
+                stride,
+                (dw_kernel_size - 1) // 2,
+                groups=mid_chs,
+                bias=False,
+                rngs=rngs,
+            )
             self.bn_dw = BatchNorm2d(mid_chs)
         self.ghost2 = GhostModule(mid_chs, out_chs, activation=None, rngs=rngs)
         if in_chs == out_chs and stride == 1:
             self.shortcut = Sequential([])
         else:
-            self.shortcut = Sequential([
-                Conv2d(in_chs, in_chs, dw_kernel_size, stride, (dw_kernel_size - 1) // 2,
-                       groups=in_chs, bias=False, rngs=rngs),
-                BatchNorm2d(in_chs),
-                Conv2d(in_chs, out_chs, 1, bias=False, rngs=rngs),
-                BatchNorm2d(out_chs),
-            ])  # fmt: skip
+            self.shortcut = Sequential(
+                [
+                    Conv2d(
+                        in_chs,
+                        in_chs,
+                        dw_kernel_size,
+                        stride,
+                        (dw_kernel_size - 1) // 2,
+                        groups=in_chs,
+                        bias=False,
+                        rngs=rngs,
+                    ),
+                    BatchNorm2d(in_chs),
+                    Conv2d(in_chs, out_chs, 1, bias=False, rngs=rngs),
+                    BatchNorm2d(out_chs),
+                ]
+            )
 
     def __call__(self, x: jax.Array) -> jax.Array:
         y = self.ghost1(x)
@@ -116,14 +148,23 @@ class GhostBlocks(nnx.Module):
     ):
         self.use_res = use_res
         if use_res:
-            self.reduce_conv = ConvModule(in_channels, out_channels, 1, activation=activation,
-                                          rngs=rngs)  # fmt: skip
+            self.reduce_conv = ConvModule(
+                in_channels, out_channels, 1, activation=activation, rngs=rngs
+            )
         # NanoDet feeds every block the stack's input width; only num_blocks == 1 is consistent.
-        self.blocks = Sequential([
-            GhostBottleneck(in_channels, int(out_channels * expand), out_channels,
-                            dw_kernel_size=kernel_size, activation=activation, rngs=rngs)
-            for _ in range(num_blocks)
-        ])  # fmt: skip
+        self.blocks = Sequential(
+            [
+                GhostBottleneck(
+                    in_channels,
+                    int(out_channels * expand),
+                    out_channels,
+                    dw_kernel_size=kernel_size,
+                    activation=activation,
+                    rngs=rngs,
+                )
+                for _ in range(num_blocks)
+            ]
+        )
 
     def __call__(self, x: jax.Array) -> jax.Array:
         out = self.blocks(x)
@@ -153,29 +194,50 @@ class GhostPAN(nnx.Module):
     ):
         upsample_cfg = dict(upsample_cfg or {"scale_factor": 2, "mode": "bilinear"})
         norm_cfg = dict(norm_cfg or {"type": "BN"})
-        if upsample_cfg.get("scale_factor") != 2 or upsample_cfg.get("mode") not in (
-            "bilinear", "nearest"
-        ) or upsample_cfg.get("align_corners"):
-            raise ValueError(f"unsupported upsample_cfg {upsample_cfg}: use scale_factor=2, "
-                             "mode bilinear (align_corners False) or nearest")  # fmt: skip
+        if (
+            upsample_cfg.get("scale_factor") != 2
+            or upsample_cfg.get("mode") not in ("bilinear", "nearest")
+            or upsample_cfg.get("align_corners")
+        ):
+            raise ValueError(
+                f"unsupported upsample_cfg {upsample_cfg}: use scale_factor=2, "
+                "mode bilinear (align_corners False) or nearest"
+            )
         self.upsample_mode = upsample_cfg["mode"]
         self.in_channels = list(in_channels)
         conv = DepthwiseConvModule if use_depthwise else ConvModule
         n = len(self.in_channels)
 
         def blocks():
-            return GhostBlocks(out_channels * 2, out_channels, expand, kernel_size=kernel_size,
-                               num_blocks=num_blocks, use_res=use_res, activation=activation,
-                               rngs=rngs)  # fmt: skip
+            return GhostBlocks(
+                out_channels * 2,
+                out_channels,
+                expand,
+                kernel_size=kernel_size,
+                num_blocks=num_blocks,
+                use_res=use_res,
+                activation=activation,
+                rngs=rngs,
+            )
 
         def down():
-            return conv(out_channels, out_channels, kernel_size, stride=2, padding=kernel_size // 2,
-                        norm_cfg=norm_cfg, activation=activation, rngs=rngs)  # fmt: skip
+            return conv(
+                out_channels,
+                out_channels,
+                kernel_size,
+                stride=2,
+                padding=kernel_size // 2,
+                norm_cfg=norm_cfg,
+                activation=activation,
+                rngs=rngs,
+            )
 
-        self.reduce_layers = nnx.List([
-            ConvModule(c, out_channels, 1, norm_cfg=norm_cfg, activation=activation, rngs=rngs)
-            for c in self.in_channels
-        ])  # fmt: skip
+        self.reduce_layers = nnx.List(
+            [
+                ConvModule(c, out_channels, 1, norm_cfg=norm_cfg, activation=activation, rngs=rngs)
+                for c in self.in_channels
+            ]
+        )
         self.top_down_blocks = nnx.List([blocks() for _ in range(n - 1)])
         self.downsamples = nnx.List([down() for _ in range(n - 1)])
         self.bottom_up_blocks = nnx.List([blocks() for _ in range(n - 1)])
@@ -183,7 +245,9 @@ class GhostPAN(nnx.Module):
         self.extra_lvl_out_conv = nnx.List([down() for _ in range(num_extra_level)])
 
     def _upsample(self, x: jax.Array) -> jax.Array:
-        return upsample_bilinear_2x(x) if self.upsample_mode == "bilinear" else upsample_nearest_2x(x)
+        return (
+            upsample_bilinear_2x(x) if self.upsample_mode == "bilinear" else upsample_nearest_2x(x)
+        )
 
     def __call__(self, inputs: Sequence[jax.Array]) -> tuple[jax.Array, ...]:
         if len(inputs) != len(self.in_channels):
@@ -203,4 +267,3 @@ class GhostPAN(nnx.Module):
         for extra_in, extra_out in zip(self.extra_lvl_in_conv, self.extra_lvl_out_conv):
             outs.append(extra_in(feats[-1]) + extra_out(outs[-1]))
         return tuple(outs)
-

@@ -54,21 +54,42 @@ class NanoDetPlusHead(nnx.Module):
         norm_cfg = dict(norm_cfg or {"type": "BN"})
         module = ConvModule if conv_type == "Conv" else DepthwiseConvModule
         self.distribution_project = Integral(reg_max)
-        self.cls_convs = nnx.List([
-            nnx.List([
-                module(input_channel if i == 0 else feat_channels, feat_channels, kernel_size,
-                       stride=1, padding=kernel_size // 2, norm_cfg=norm_cfg, bias=False,
-                       activation=activation, kernel_init=normal(0.01), rngs=rngs)
-                for i in range(stacked_convs)
-            ])
-            for _ in self.strides
-        ])  # fmt: skip
+        self.cls_convs = nnx.List(
+            [
+                nnx.List(
+                    [
+                        module(
+                            input_channel if i == 0 else feat_channels,
+                            feat_channels,
+                            kernel_size,
+                            stride=1,
+                            padding=kernel_size // 2,
+                            norm_cfg=norm_cfg,
+                            bias=False,
+                            activation=activation,
+                            kernel_init=normal(0.01),
+                            rngs=rngs,
+                        )
+                        for i in range(stacked_convs)
+                    ]
+                )
+                for _ in self.strides
+            ]
+        )
         out_channels = num_classes + 4 * (reg_max + 1)
-        self.gfl_cls = nnx.List([
-            Conv2d(feat_channels, out_channels, 1, kernel_init=normal(0.01),
-                   bias_init=CLS_BIAS_INIT, rngs=rngs)
-            for _ in self.strides
-        ])  # fmt: skip
+        self.gfl_cls = nnx.List(
+            [
+                Conv2d(
+                    feat_channels,
+                    out_channels,
+                    1,
+                    kernel_init=normal(0.01),
+                    bias_init=CLS_BIAS_INIT,
+                    rngs=rngs,
+                )
+                for _ in self.strides
+            ]
+        )
 
     def __call__(self, feats: Sequence[jax.Array]) -> jax.Array:
         outputs = []
@@ -105,19 +126,43 @@ class SimpleConvHead(nnx.Module):
         self.strides = tuple(strides)
 
         def tower():
-            return nnx.List([
-                ConvModule(input_channel if i == 0 else feat_channels, feat_channels, 3, 1, 1,
-                           norm_cfg=norm_cfg, activation=activation, kernel_init=normal(0.01),
-                           rngs=rngs)
-                for i in range(stacked_convs)
-            ])  # fmt: skip
+            return nnx.List(
+                [
+                    ConvModule(
+                        input_channel if i == 0 else feat_channels,
+                        feat_channels,
+                        3,
+                        1,
+                        1,
+                        norm_cfg=norm_cfg,
+                        activation=activation,
+                        kernel_init=normal(0.01),
+                        rngs=rngs,
+                    )
+                    for i in range(stacked_convs)
+                ]
+            )
 
         self.cls_convs = tower()
         self.reg_convs = tower()
-        self.gfl_cls = Conv2d(feat_channels, num_classes, 3, padding=1, kernel_init=normal(0.01),
-                              bias_init=CLS_BIAS_INIT, rngs=rngs)  # fmt: skip
-        self.gfl_reg = Conv2d(feat_channels, 4 * (reg_max + 1), 3, padding=1,
-                              kernel_init=normal(0.01), bias_init=0.0, rngs=rngs)  # fmt: skip
+        self.gfl_cls = Conv2d(
+            feat_channels,
+            num_classes,
+            3,
+            padding=1,
+            kernel_init=normal(0.01),
+            bias_init=CLS_BIAS_INIT,
+            rngs=rngs,
+        )
+        self.gfl_reg = Conv2d(
+            feat_channels,
+            4 * (reg_max + 1),
+            3,
+            padding=1,
+            kernel_init=normal(0.01),
+            bias_init=0.0,
+            rngs=rngs,
+        )
         self.scales = nnx.List([Scale(1.0) for _ in self.strides])
 
     def __call__(self, feats: Sequence[jax.Array]) -> jax.Array:

@@ -131,7 +131,9 @@ class Conv2d(nnx.Module):
         if bias:
             if bias_init is None:
                 bound = 1.0 / math.sqrt(_torch_fans(shape)[0])
-                value = jax.random.uniform(rngs.params(), (out_channels,), jnp.float32, -bound, bound)
+                value = jax.random.uniform(
+                    rngs.params(), (out_channels,), jnp.float32, -bound, bound
+                )
             else:
                 value = jnp.full((out_channels,), bias_init, jnp.float32)
             self.bias = nnx.Param(value)
@@ -259,10 +261,17 @@ class ConvModule(nnx.Module):
     ):
         with_bias = norm_cfg is None if bias == "auto" else bool(bias)
         self.conv = Conv2d(
-            in_channels, out_channels, kernel_size, stride, padding, groups, with_bias,
+            in_channels,
+            out_channels,
+            kernel_size,
+            stride,
+            padding,
+            groups,
+            with_bias,
             kernel_init=kernel_init or kaiming_normal("fan_out"),
-            bias_init=0.0, rngs=rngs,
-        )  # fmt: skip
+            bias_init=0.0,
+            rngs=rngs,
+        )
         self.norm_name = None
         norm = build_norm(norm_cfg, out_channels)
         if norm is not None:
@@ -300,13 +309,26 @@ class DepthwiseConvModule(nnx.Module):
         with_bias = bias is True
         init = kernel_init or kaiming_normal("fan_out")
         self.depthwise = Conv2d(
-            in_channels, in_channels, kernel_size, stride, padding, groups=in_channels,
-            bias=with_bias, kernel_init=init, bias_init=0.0, rngs=rngs,
-        )  # fmt: skip
-        self.pointwise = Conv2d(
-            in_channels, out_channels, 1, bias=with_bias, kernel_init=init, bias_init=0.0,
+            in_channels,
+            in_channels,
+            kernel_size,
+            stride,
+            padding,
+            groups=in_channels,
+            bias=with_bias,
+            kernel_init=init,
+            bias_init=0.0,
             rngs=rngs,
-        )  # fmt: skip
+        )
+        self.pointwise = Conv2d(
+            in_channels,
+            out_channels,
+            1,
+            bias=with_bias,
+            kernel_init=init,
+            bias_init=0.0,
+            rngs=rngs,
+        )
         self.dwnorm = build_norm(norm_cfg, in_channels)[1]
         self.pwnorm = build_norm(norm_cfg, out_channels)[1]
         self.act = Activation(activation)

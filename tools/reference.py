@@ -73,9 +73,18 @@ def _install_stubs() -> None:
     if "torchvision" not in sys.modules:
         tv = _stub("torchvision")
         tv.ops = _stub("torchvision.ops", nms=torch_nms)
-    for name in ("pytorch_lightning", "pytorch_lightning.loggers", "pytorch_lightning.loggers.logger",
-                 "pytorch_lightning.utilities", "lightning_fabric", "lightning_fabric.utilities",
-                 "lightning_fabric.utilities.cloud_io", "termcolor", "tabulate", "imagesize"):
+    for name in (
+        "pytorch_lightning",
+        "pytorch_lightning.loggers",
+        "pytorch_lightning.loggers.logger",
+        "pytorch_lightning.utilities",
+        "lightning_fabric",
+        "lightning_fabric.utilities",
+        "lightning_fabric.utilities.cloud_io",
+        "termcolor",
+        "tabulate",
+        "imagesize",
+    ):
         if name in sys.modules:
             continue
         mod = _stub(name)
