@@ -15,6 +15,7 @@ from nanodet_jax.layers import (
     Sequential,
     channel_shuffle,
     max_pool_3x3_s2,
+    random_normal,
 )
 
 STAGE_OUT_CHANNELS = {
@@ -28,7 +29,7 @@ STAGE_REPEATS = (4, 8, 4)
 
 def _shufflenet_init(key, shape, dtype=jnp.float32):
     # NanoDet's ShuffleNetV2 init: N(0, 1 / weight.shape[1]) in OIHW, i.e. 1 / (cin / groups).
-    return jax.random.normal(key, shape, dtype) / shape[2]
+    return random_normal(key, shape, 1.0 / shape[2]).astype(dtype)
 
 
 def _bn(channels: int) -> BatchNorm2d:

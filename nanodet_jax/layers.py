@@ -14,12 +14,30 @@ from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 from jax import lax
 
 from nanodet_jax.ops import depthwise_conv2d
 
 Initializer = Callable[[jax.Array, tuple[int, ...], jnp.dtype], jax.Array]
+
+
+def host_rng(key: jax.Array) -> np.random.Generator:
+    """A numpy generator seeded by a JAX key.
+
+    Initial values are drawn on the host: eager ``jax.random`` calls compile one
+    kernel per parameter shape, which made building the model take >10 s.
+    """
+    return np.random.default_rng(np.asarray(jax.random.key_data(key)).ravel().tolist())
+
+
+def random_normal(key: jax.Array, shape: tuple[int, ...], std: float = 1.0) -> jax.Array:
+    return jnp.asarray(host_rng(key).normal(0.0, std, shape), jnp.float32)
+
+
+def random_uniform(key: jax.Array, shape: tuple[int, ...], bound: float) -> jax.Array:
+    return jnp.asarray(host_rng(key).uniform(-bound, bound, shape), jnp.float32)
 
 
 class Buffer(nnx.Variable):
@@ -82,13 +100,13 @@ def kaiming_normal(mode: str = "fan_out") -> Initializer:
     def init(key, shape, dtype=jnp.float32):
         fan_in, fan_out = _torch_fans(shape)
         std = gain / math.sqrt(fan_out if mode == "fan_out" else fan_in)
-        return std * jax.random.normal(key, shape, dtype)
+        return random_normal(key, shape, std).astype(dtype)
 
     return init
 
 
 def normal(std: float) -> Initializer:
-    return lambda key, shape, dtype=jnp.float32: std * jax.random.normal(key, shape, dtype)
+    return lambda key, shape, dtype=jnp.float32: random_normal(key, shape, std).astype(dtype)
 
 
 def torch_default_conv_init() -> Initializer:
@@ -97,7 +115,7 @@ def torch_default_conv_init() -> Initializer:
     def init(key, shape, dtype=jnp.float32):
         fan_in, _ = _torch_fans(shape)
         bound = 1.0 / math.sqrt(fan_in)
-        return jax.random.uniform(key, shape, dtype, -bound, bound)
+        return random_uniform(key, shape, bound).astype(dtype)
 
     return init
 
@@ -131,9 +149,7 @@ class Conv2d(nnx.Module):
         if bias:
             if bias_init is None:
                 bound = 1.0 / math.sqrt(_torch_fans(shape)[0])
-                value = jax.random.uniform(
-                    rngs.params(), (out_channels,), jnp.float32, -bound, bound
-                )
+                value = random_uniform(rngs.params(), (out_channels,), bound)
             else:
                 value = jnp.full((out_channels,), bias_init, jnp.float32)
             self.bias = nnx.Param(value)

@@ -1,0 +1,99 @@
+"""COCO-format detection datasets (annotation json + image folder), read as NanoDet reads them.
+
+Labels are the positions of the category ids in sorted order; crowd (or
+``ignore``) boxes become ignore boxes; annotations with area <= 0 or a side
+< 1 pixel are dropped, as NanoDet's CocoDataset does.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import io
+import logging
+import os
+
+import cv2
+import numpy as np
+
+log = logging.getLogger("nanodet_jax")
+
+
+class ImageReadError(OSError):
+    """An image file is missing or cannot be decoded; the message names the file."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ImageRecord:
+    image_id: int
+    path: str
+    width: int
+    height: int
+    boxes: np.ndarray  # [n, 4] float32 xyxy, pixels
+    labels: np.ndarray  # [n] int32 in [0, num_classes)
+    ignore_boxes: np.ndarray  # [m, 4] float32 xyxy (crowd regions)
+
+
+def read_image(path: str) -> np.ndarray:
+    """BGR uint8 HWC image, or :class:`ImageReadError` naming the file and the problem."""
+    if not os.path.isfile(path):
+        raise ImageReadError(f"{path}: image file not found")
+    img = cv2.imread(path, cv2.IMREAD_COLOR)
+    if img is None:
+        raise ImageReadError(f"{path}: cannot decode image (corrupt or not an image)")
+    return img
+
+
+class CocoDetection:
+    """Records of a COCO-format dataset, sorted by image id (NanoDet's order)."""
+
+    def __init__(self, ann_file: str, img_dir: str):
+        from pycocotools.coco import COCO
+
+        if not os.path.isfile(ann_file):
+            raise FileNotFoundError(f"{ann_file}: annotation file not found")
+        if not os.path.isdir(img_dir):
+            raise FileNotFoundError(f"{img_dir}: image folder not found")
+        with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress
+            try:
+                self.coco = COCO(ann_file)
+            except Exception as e:
+                raise ValueError(f"{ann_file}: not a valid COCO annotation file ({e})") from e
+        self.ann_file = ann_file
+        self.img_dir = img_dir
+        self.cat_ids = sorted(self.coco.getCatIds())
+        if not self.cat_ids:
+            raise ValueError(f"{ann_file}: defines no categories")
+        self.cat2label = {cat_id: i for i, cat_id in enumerate(self.cat_ids)}
+        self.class_names = [c["name"] for c in self.coco.loadCats(self.cat_ids)]
+        self.records = [self._record(img_id) for img_id in sorted(self.coco.imgs)]
+
+    def _record(self, img_id: int) -> ImageRecord:
+        info = self.coco.imgs[img_id]
+        if not isinstance(img_id, int):
+            raise ValueError(f"{self.ann_file}: image id {img_id!r} is not an integer")
+        boxes, labels, ignore = [], [], []
+        for ann in self.coco.loadAnns(self.coco.getAnnIds(imgIds=[img_id])):
+            x, y, w, h = ann["bbox"]
+            if ann.get("area", w * h) <= 0 or w < 1 or h < 1:
+                continue
+            if ann["category_id"] not in self.cat2label:
+                continue
+            box = [x, y, x + w, y + h]
+            if ann.get("iscrowd", False) or ann.get("ignore", False):
+                ignore.append(box)
+            else:
+                boxes.append(box)
+                labels.append(self.cat2label[ann["category_id"]])
+        return ImageRecord(
+            image_id=img_id,
+            path=os.path.join(self.img_dir, info["file_name"]),
+            width=int(info["width"]),
+            height=int(info["height"]),
+            boxes=np.asarray(boxes, np.float32).reshape(-1, 4),
+            labels=np.asarray(labels, np.int32),
+            ignore_boxes=np.asarray(ignore, np.float32).reshape(-1, 4),
+        )
+
+    def __len__(self) -> int:
+        return len(self.records)
