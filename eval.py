@@ -42,7 +42,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[
 
 def main(argv: list[str] | None = None) -> dict:
     args, overrides = parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    logging.basicConfig(level=logging.INFO, format="%(message)s", force=True)
     config = load_config(args.config, overrides)
     val = config.data.val
     dataset = CocoDetection(val.ann_file, val.img_dir)

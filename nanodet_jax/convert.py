@@ -228,7 +228,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--export-torch", help="write the weights as a NanoDet .pth state_dict")
     p.add_argument("--no-ema", action="store_true", help="take raw, not EMA, weights of a .ckpt")
     args, overrides = p.parse_known_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    logging.basicConfig(level=logging.INFO, format="%(message)s", force=True)
     config = load_config(args.config, overrides)
     if args.torch_weights:
         sd, _ = extract_state_dict(read_torch_file(args.torch_weights), not args.no_ema)

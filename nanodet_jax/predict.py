@@ -112,7 +112,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out-dir", default="predictions")
     p.add_argument("--score-thr", type=float, default=0.35, help="drawing threshold")
     args, overrides = p.parse_known_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    logging.basicConfig(level=logging.INFO, format="%(message)s", force=True)
     predictor = load_predictor(args.config, args.torch_weights, args.checkpoint, overrides)
     paths = image_paths(args.inputs)
     if not paths:
