@@ -82,12 +82,14 @@ class Predictor:
     def _forward_impl(self, state, images_u8, valid_hw):
         model = nnx.merge(self.graphdef, state)
         x = transforms.normalize(images_u8, self.mean, self.std, valid_hw)
-        raw = model(x)
-        boxes, scores = postprocess.decode(
-            raw, self.canvas_hw, self.num_classes, self.reg_max, self.strides
+        return postprocess.postprocess(
+            model(x),
+            self.canvas_hw,
+            self.num_classes,
+            self.reg_max,
+            self.strides,
+            **self.nms_kwargs,
         )
-        nms = jax.vmap(lambda b, s: postprocess.multiclass_nms(b, s, **self.nms_kwargs))
-        return nms(boxes, scores)
 
     def raw_outputs(self, images: jax.Array) -> jax.Array:
         """The model's raw head output for already-normalised NHWC images."""
@@ -111,17 +113,16 @@ class Predictor:
         for i, p in enumerate(batch):
             canvases[i] = p.canvas
             valid[i] = p.valid_hw
-        det_boxes, det_scores, det_labels, num_dets, truncated = jax.device_get(
-            self._forward(self.state, canvases, valid)
+        dets = jax.device_get(self._forward(self.state, canvases, valid))
+        self.truncated_images += int(np.sum(dets.truncated[:n]))
+        per_image = postprocess.to_numpy_detections(
+            dets.boxes[:n], dets.scores[:n], dets.labels[:n], dets.num_dets[:n]
         )
-        self.truncated_images += int(np.sum(truncated[:n]))
         out = []
-        for i, p in enumerate(batch):
-            k = int(num_dets[i])
-            boxes = transforms.warp_boxes(
-                det_boxes[i, :k], np.linalg.inv(p.matrix), p.orig_wh[0], p.orig_wh[1]
-            )
-            out.append(Detections(boxes, det_scores[i, :k].copy(), det_labels[i, :k].copy()))
+        for p, (boxes, scores, labels) in zip(batch, per_image):
+            # Back to original pixels through the inverse of the resize warp.
+            boxes = transforms.warp_boxes(boxes, np.linalg.inv(p.matrix), *p.orig_wh)
+            out.append(Detections(boxes, scores.copy(), labels.copy()))
         return out
 
     def __call__(self, images: Sequence[np.ndarray]) -> list[Detections]:
