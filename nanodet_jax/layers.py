@@ -204,11 +204,16 @@ class BatchNorm2d(nnx.Module):
             n = x.shape[0] * x.shape[1] * x.shape[2]
             unbiased = var * (n / max(n - 1, 1))
             m = self.momentum
-            self.running_mean[...] = (1 - m) * self.running_mean[...] + m * lax.stop_gradient(mean)
-            self.running_var[...] = (1 - m) * self.running_var[...] + m * lax.stop_gradient(
-                unbiased
+            # set_value, not ``var[...] = v``: under a trace, flax's ``[...]`` assignment
+            # probes ``tracer.sharding``, whose error message walks the whole jaxpr built
+            # so far, making train-mode tracing quadratic in the number of BN layers.
+            self.running_mean.set_value(
+                (1 - m) * self.running_mean[...] + m * lax.stop_gradient(mean)
             )
-            self.num_batches_tracked[...] = self.num_batches_tracked[...] + 1
+            self.running_var.set_value(
+                (1 - m) * self.running_var[...] + m * lax.stop_gradient(unbiased)
+            )
+            self.num_batches_tracked.set_value(self.num_batches_tracked[...] + 1)
         scale = self.weight[...] * lax.rsqrt(var + self.eps)
         shift = self.bias[...] - mean * scale
         return (x * scale.astype(x.dtype) + shift.astype(x.dtype)).astype(x.dtype)

@@ -4,8 +4,11 @@ Only the model / loss / assigner / data-transform modules are used. NanoDet's
 package imports pytorch_lightning, termcolor and torchvision at import time; none
 of them is needed by those modules (torchvision only for ``ops.nms``), so they
 are replaced by small stand-ins before the import. ``torchvision.ops.nms`` gets
-a plain-torch greedy NMS with torchvision's semantics (stable descending score
-order, suppress IoU > threshold).
+a plain-torch greedy NMS with torchvision's CPU-kernel semantics (see
+``torch_nms``). ``tabulate``/``termcolor`` get minimal working stand-ins if they are
+not installed, and ``torch._six`` (gone in torch 2.x, imported by
+``nanodet.data.collate``) a stub, so NanoDet's dataset, collate and evaluator
+modules import too.
 
 Usage: ``ref = load_reference("/path/to/nanodet")`` then ``ref.build_model(cfg)``,
 ``ref.module("nanodet.model.head.assigner.dsl_assigner")`` ...
@@ -20,9 +23,24 @@ import types
 
 
 def torch_nms(boxes, scores, iou_threshold: float):
+    """Greedy NMS with the semantics of torchvision's CPU kernel (``nms_kernel.cpp``).
+
+    Boxes are visited in descending score order as ATen's default (NOT stable)
+    ``sort(0, descending=True)`` orders them; torchvision's kernel calls exactly that, so
+    ties are broken identically on the same torch build (on torch 2.x CPU the default
+    sort does not keep tied elements in index order). A kept box suppresses every
+    later box whose IoU with it is strictly greater than ``iou_threshold``. Areas,
+    intersection and IoU are float32 (the boxes' dtype), IoU =
+    ``inter / (area_i + area_j - inter)``; the comparison is done in float64 because
+    the kernel compares the float IoU with a C++ ``double`` threshold (a float32
+    comparison would round 0.6 to 0.6000000238 and differ for an IoU equal to that).
+    Returns the kept indices (int64) in visiting order.
+    """
     import torch
 
-    order = torch.sort(scores, descending=True, stable=True).indices
+    if boxes.numel() == 0:
+        return torch.zeros((0,), dtype=torch.long)
+    order = torch.sort(scores, 0, descending=True).indices  # torchvision: not stable
     x1, y1, x2, y2 = boxes.unbind(1)
     areas = (x2 - x1) * (y2 - y1)
     suppressed = torch.zeros(len(boxes), dtype=torch.bool)
@@ -37,8 +55,23 @@ def torch_nms(boxes, scores, iou_threshold: float):
         yy2 = torch.minimum(y2[i], y2)
         inter = (xx2 - xx1).clamp(min=0) * (yy2 - yy1).clamp(min=0)
         iou = inter / (areas[i] + areas - inter)
-        suppressed |= iou > iou_threshold
+        # IoU is symmetric, so also testing boxes visited before i changes nothing:
+        # those are kept (and did not suppress i) or already suppressed.
+        suppressed |= iou.double() > iou_threshold
     return torch.tensor(keep, dtype=torch.long)
+
+
+def _plain_tabulate(rows, headers=(), **_kwargs) -> str:
+    """Minimal stand-in for ``tabulate.tabulate`` (NanoDet's per-class AP table)."""
+
+    def fmt(v):
+        if v is None:
+            return ""
+        return f"{v:.1f}" if isinstance(v, float) else str(v)
+
+    lines = [" | ".join(str(h) for h in headers)] if headers else []
+    lines += [" | ".join(fmt(v) for v in row) for row in rows]
+    return "\n".join(lines)
 
 
 def _stub(name: str, **attrs) -> types.ModuleType:
@@ -73,6 +106,21 @@ def _install_stubs() -> None:
     if "torchvision" not in sys.modules:
         tv = _stub("torchvision")
         tv.ops = _stub("torchvision.ops", nms=torch_nms)
+    # Modules whose few uses need working (not merely importable) stand-ins; a real
+    # installed package is preferred.
+    for name, attrs in (
+        ("tabulate", {"tabulate": _plain_tabulate}),
+        ("termcolor", {"colored": lambda text, *a, **k: text}),
+    ):
+        try:
+            importlib.import_module(name)
+        except ImportError:
+            _stub(name, **attrs)
+    # nanodet.data.collate imports torch._six, which torch 2.x removed.
+    try:
+        importlib.import_module("torch._six")
+    except ImportError:
+        _stub("torch._six", string_classes=(str, bytes))
     for name in (
         "pytorch_lightning",
         "pytorch_lightning.loggers",
@@ -81,9 +129,7 @@ def _install_stubs() -> None:
         "lightning_fabric",
         "lightning_fabric.utilities",
         "lightning_fabric.utilities.cloud_io",
-        "termcolor",
-        "tabulate",
-        "imagesize",
+        "imagesize",  # only NanoDet's YoloDataset uses it
     ):
         if name in sys.modules:
             continue
