@@ -11,6 +11,7 @@ running statistics away from identity.
 
 from __future__ import annotations
 
+import hashlib
 import zlib
 from collections.abc import Iterable, Mapping
 
@@ -56,3 +57,35 @@ def random_state_dict(
         else:
             raise ValueError(f"random_state_dict: don't know how to fill {name!r} {shape}")
     return out
+
+
+# A narrow NanoDet-Plus (ShuffleNetV2 0.5x, 32-channel PAN, 5 classes) that exercises
+# every code path of the full model at a fraction of its cost; used by the golden
+# fixtures and by tests that only need *a* model.
+SMALL_MODEL_OVERRIDES = (
+    "--config.model.arch.backbone.model_size=0.5x",
+    "--config.model.arch.fpn.in_channels=[48, 96, 192]",
+    "--config.model.arch.fpn.out_channels=32",
+    "--config.model.arch.head.num_classes=5",
+    "--config.model.arch.head.input_channel=32",
+    "--config.model.arch.head.feat_channels=32",
+    "--config.model.arch.aux_head.num_classes=5",
+    "--config.model.arch.aux_head.input_channel=64",
+    "--config.model.arch.aux_head.feat_channels=64",
+    "--config.class_names=['a', 'b', 'c', 'd', 'e']",
+)
+
+
+def normal_input(seed: int, shape: tuple[int, ...]) -> np.ndarray:
+    """A seeded float32 N(0, 1) array (the golden fixtures' inputs)."""
+    return np.random.default_rng(seed).normal(size=tuple(shape)).astype(np.float32)
+
+
+def array_digest(arrays: Mapping[str, np.ndarray]) -> str:
+    """SHA-256 over sorted (name, dtype, shape, bytes): detects any drift of generated data."""
+    h = hashlib.sha256()
+    for name in sorted(arrays):
+        a = np.ascontiguousarray(arrays[name])
+        h.update(f"{name}|{a.dtype.str}|{a.shape}|".encode())
+        h.update(a.tobytes())
+    return h.hexdigest()

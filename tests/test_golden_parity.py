@@ -25,10 +25,9 @@ modes' head and aux_head outputs (and, in train mode, its updated statistics).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -39,7 +38,7 @@ from flax import nnx
 from nanodet_jax.config_utils import load_config
 from nanodet_jax.convert import load_torch_weights, model_variables
 from nanodet_jax.model import build_model
-from nanodet_jax.testing import random_state_dict
+from nanodet_jax.testing import array_digest, normal_input, random_state_dict
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GOLDEN = os.path.join(REPO, "tests", "data", "golden_model.npz")
@@ -49,23 +48,6 @@ MAX_REL = 1e-5  # max|ours - ref| / max|ref|, unless the reference's own noise i
 NOISE_FACTOR = 10.0  # tol = max(MAX_REL, NOISE_FACTOR * float32 noise of the reference)
 RTOL = 1e-4  # elementwise: |ours - ref| <= RTOL * |ref| + tol * max|ref|
 BN_STATS = ("running_mean", "running_var", "num_batches_tracked")
-
-
-# --- must stay identical to tools/make_golden.py -----------------------------------
-def make_input(seed: int, shape) -> np.ndarray:
-    return np.random.default_rng(seed).normal(size=tuple(shape)).astype(np.float32)
-
-
-def digest(arrays: Mapping[str, np.ndarray]) -> str:
-    h = hashlib.sha256()
-    for name in sorted(arrays):
-        a = np.ascontiguousarray(arrays[name])
-        h.update(f"{name}|{a.dtype.str}|{a.shape}|".encode())
-        h.update(a.tobytes())
-    return h.hexdigest()
-
-
-# ------------------------------------------------------------------------------------
 
 
 @pytest.fixture(scope="module")
@@ -102,12 +84,12 @@ def _build(meta: dict, variant: str):
             f"only reference {only_ref[:10]}, shape differs {wrong[:10]}"
         )
     weights = random_state_dict(shapes, spec["weight_seed"])
-    assert digest(weights) == spec["weights_sha256"], (
+    assert array_digest(weights) == spec["weights_sha256"], (
         "random_state_dict no longer produces the weights the fixture was recorded with "
         "(numpy RNG stream or nanodet_jax.testing changed): re-run tools/make_golden.py"
     )
-    x = make_input(spec["input_seed"], spec["input_shape_nchw"])
-    assert digest({"input": x}) == spec["input_sha256"], "input RNG stream changed"
+    x = normal_input(spec["input_seed"], spec["input_shape_nchw"])
+    assert array_digest({"input": x}) == spec["input_sha256"], "input RNG stream changed"
     load_torch_weights(model, weights)
     return model, jnp.asarray(x.transpose(0, 2, 3, 1)), spec
 

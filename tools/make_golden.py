@@ -32,12 +32,11 @@ from __future__ import annotations
 
 import argparse
 import copy
-import hashlib
 import json
 import os
 import subprocess
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -46,30 +45,24 @@ if REPO not in sys.path:
     sys.path.insert(0, REPO)
 
 from nanodet_jax.config_utils import load_config  # noqa: E402
-from nanodet_jax.testing import random_state_dict  # noqa: E402
+from nanodet_jax.testing import (  # noqa: E402
+    SMALL_MODEL_OVERRIDES,
+    array_digest,
+    normal_input,
+    random_state_dict,
+)
 from tools.reference import load_reference  # noqa: E402
 
 CONFIG = "configs/nanodet_plus_m.py"
 INPUT_SHAPE = (2, 3, 64, 96)  # NCHW; 64x96 gives 8x12, 4x6, 2x3 and 1x2 head levels
 FORMAT_VERSION = 1
 
-_ARCH = "--config.model.arch."
 VARIANTS: dict[str, dict] = {
     "m": {"overrides": [], "weight_seed": 1, "input_seed": 11},
     # ShuffleNetV2 0.5x and 32-channel PAN: every code path of the full model, a third
     # of the values to store.
     "small": {
-        "overrides": [
-            _ARCH + "backbone.model_size=0.5x",
-            _ARCH + "fpn.in_channels=[48, 96, 192]",
-            _ARCH + "fpn.out_channels=32",
-            _ARCH + "head.num_classes=5",
-            _ARCH + "head.input_channel=32",
-            _ARCH + "head.feat_channels=32",
-            _ARCH + "aux_head.num_classes=5",
-            _ARCH + "aux_head.input_channel=64",
-            _ARCH + "aux_head.feat_channels=64",
-        ],
+        "overrides": [o for o in SMALL_MODEL_OVERRIDES if ".arch." in o],
         "weight_seed": 2,
         "input_seed": 12,
     },
@@ -80,17 +73,7 @@ BN_STATS = ("running_mean", "running_var", "num_batches_tracked")
 
 def make_input(seed: int, shape: Sequence[int] = INPUT_SHAPE) -> np.ndarray:
     """The NCHW float32 N(0, 1) input of a variant (the test builds the same one)."""
-    return np.random.default_rng(seed).normal(size=tuple(shape)).astype(np.float32)
-
-
-def digest(arrays: Mapping[str, np.ndarray]) -> str:
-    """SHA-256 over sorted (name, dtype, shape, bytes): detects any drift of the weights."""
-    h = hashlib.sha256()
-    for name in sorted(arrays):
-        a = np.ascontiguousarray(arrays[name])
-        h.update(f"{name}|{a.dtype.str}|{a.shape}|".encode())
-        h.update(a.tobytes())
-    return h.hexdigest()
+    return normal_input(seed, tuple(shape))
 
 
 def _nhwc(t) -> np.ndarray:
@@ -182,8 +165,8 @@ def record_variant(ref, name: str, spec: dict) -> tuple[dict[str, np.ndarray], d
         "weight_seed": spec["weight_seed"],
         "input_seed": spec["input_seed"],
         "input_shape_nchw": list(x.shape),
-        "input_sha256": digest({"input": x}),
-        "weights_sha256": digest(weights),
+        "input_sha256": array_digest({"input": x}),
+        "weights_sha256": array_digest(weights),
         "torch_keys": {k: list(s) for k, s in shapes.items()},
         "bn_layers": bn_layers,
         "float32_noise": noise,
