@@ -42,11 +42,20 @@ def model_meta(config: Any) -> dict:
     }
 
 
+WEIGHT_ITEMS = {
+    "model": ocp.StandardCheckpointHandler,
+    "ema": ocp.StandardCheckpointHandler,
+    "meta": ocp.JsonCheckpointHandler,
+}
+
+
 def manager(
     directory: str | os.PathLike, max_to_keep: int | None = None, **options
 ) -> ocp.CheckpointManager:
+    """A manager that knows the weight items (so it can read their metadata)."""
     opts = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True, **options)
-    return ocp.CheckpointManager(os.path.abspath(directory), options=opts)
+    handlers = {name: handler() for name, handler in WEIGHT_ITEMS.items()}
+    return ocp.CheckpointManager(os.path.abspath(directory), options=opts, item_handlers=handlers)
 
 
 def save_weights(

@@ -53,11 +53,24 @@ class LoadReport:
 
 
 def model_variables(model: nnx.Module) -> dict[str, nnx.Variable]:
-    """The model's state variables keyed by their PyTorch state_dict names."""
-    out = {}
-    for path, var in nnx.iter_graph(model):
-        if isinstance(var, nnx.Variable) and not isinstance(var, nnx.RngState):
-            out[".".join(str(p) for p in path)] = var
+    """The model's state variables keyed by their PyTorch state_dict names.
+
+    Walks attributes in definition order, which follows NanoDet's module registration
+    order, so the keys come out in the order of NanoDet's own ``state_dict()``.
+    """
+    out: dict[str, nnx.Variable] = {}
+
+    def walk(node: object, prefix: str) -> None:
+        for name, value in vars(node).items():
+            if name.startswith("_"):
+                continue
+            key = prefix + name
+            if isinstance(value, nnx.Variable) and not isinstance(value, nnx.RngState):
+                out[key] = value
+            elif isinstance(value, nnx.Module):
+                walk(value, key + ".")
+
+    walk(model, "")
     return out
 
 

@@ -1,0 +1,58 @@
+"""Shared fixtures: configs, small models and the real data in ``../shared`` (skipped if absent)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from nanodet_jax.config_utils import load_config
+from nanodet_jax.model import build_model
+from nanodet_jax.testing import SMALL_MODEL_OVERRIDES
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SHARED = os.environ.get("NANODET_JAX_SHARED", os.path.join(os.path.dirname(REPO), "shared"))
+SHARED_DATA = os.path.join(SHARED, "data")
+
+
+def config_path(name: str) -> str:
+    return os.path.join(REPO, "configs", name)
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> str:
+    """``../shared/data`` (real weights, coco_tiny, demo photos) or a skip."""
+    if not os.path.isdir(SHARED_DATA):
+        pytest.skip(
+            f"real data not found at {SHARED_DATA} (a fresh clone has no ../shared; "
+            "set NANODET_JAX_SHARED to its location to run these tests)"
+        )
+    return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def small_config():
+    """A narrow 5-class NanoDet-Plus config (fast to build and compile)."""
+    return load_config(config_path("nanodet_plus_m.py"), SMALL_MODEL_OVERRIDES)
+
+
+@pytest.fixture(scope="session")
+def small_model(small_config):
+    """The small model with its aux branch, eval mode. Tests must not mutate it."""
+    return build_model(small_config, seed=0)
+
+
+@pytest.fixture(scope="session")
+def m_config():
+    return load_config(config_path("nanodet_plus_m.py"))
+
+
+def pytest_collection_modifyitems(config, items):
+    # torch-dependent tests skip cleanly when the optional extra is not installed.
+    try:
+        import torch  # noqa: F401
+    except ImportError:
+        skip = pytest.mark.skip(reason="needs torch (pip install 'nanodet-jax[torch]')")
+        for item in items:
+            if "needs_torch" in item.keywords:
+                item.add_marker(skip)

@@ -1,0 +1,57 @@
+"""Config files and ``--config.a.b=value`` overrides."""
+
+from __future__ import annotations
+
+import pytest
+
+from nanodet_jax.config_utils import load_config
+from nanodet_jax.model import build_model
+from tests.conftest import config_path
+
+NANODET_VALUES = {
+    # file: (model_size, input size, PAN channels, aux channels) from NanoDet's yml files
+    "nanodet_plus_m.py": ("1.0x", 320, 96, 192),
+    "nanodet_plus_m_416.py": ("1.0x", 416, 96, 192),
+    "nanodet_plus_m_1.5x.py": ("1.5x", 320, 128, 256),
+    "nanodet_plus_m_1.5x_416.py": ("1.5x", 416, 128, 256),
+}
+
+
+@pytest.mark.parametrize("name", sorted(NANODET_VALUES))
+def test_configs_carry_nanodet_values(name):
+    c = load_config(config_path(name))
+    size, res, pan, aux = NANODET_VALUES[name]
+    arch = c.model.arch
+    assert arch.backbone.model_size == size and arch.fpn.out_channels == pan
+    assert arch.aux_head.feat_channels == aux and arch.aux_head.input_channel == aux
+    assert c.data.train.input_size == [res, res] and c.data.val.input_size == [res, res]
+    assert arch.head.strides == [8, 16, 32, 64] and arch.head.reg_max == 7
+    assert arch.detach_epoch == 10 and c.model.weight_averager.decay == 0.9998
+    assert c.schedule.optimizer.lr == 0.001 and c.schedule.optimizer.weight_decay == 0.05
+    assert c.schedule.warmup.steps == 500 and c.schedule.lr_schedule.eta_min == 5e-5
+    assert c.grad_clip == 35 and len(c.class_names) == 80
+    assert c.data.train.pipeline.normalize == [[103.53, 116.28, 123.675], [57.375, 57.12, 58.395]]
+
+
+def test_overrides_are_typed():
+    c = load_config(
+        config_path("nanodet_plus_m.py"),
+        ["--config.data.val.ann_file=/a/b.json", "--config.test.nms_pre", "500",
+         "--config.grad_clip=10", "--config.data.val.keep_ratio=true",
+         "--config.model.arch.head.strides=[8, 16]"],
+    )  # fmt: skip
+    assert c.data.val.ann_file == "/a/b.json"
+    assert c.test.nms_pre == 500 and c.grad_clip == 10.0 and isinstance(c.grad_clip, float)
+    assert c.data.val.keep_ratio is True and c.model.arch.head.strides == [8, 16]
+
+
+def test_unknown_override_is_an_error():
+    with pytest.raises(KeyError, match="no field 'nms_pree'"):
+        load_config(config_path("nanodet_plus_m.py"), ["--config.test.nms_pree=1"])
+    with pytest.raises(ValueError, match="unrecognised argument"):
+        load_config(config_path("nanodet_plus_m.py"), ["--oops"])
+
+
+def test_1_5x_builds_with_nanodet_key_count():
+    model = build_model(load_config(config_path("nanodet_plus_m_1.5x.py")), with_aux=False)
+    assert model.fpn.reduce_layers[0].conv.weight.shape == (1, 1, 176, 128)

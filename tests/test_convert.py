@@ -1,0 +1,174 @@
+"""PyTorch <-> ours weight conversion: rule-based mapping, round trips, clear errors."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+
+from nanodet_jax.convert import (
+    WeightMismatchError,
+    extract_state_dict,
+    load_torch_weights,
+    model_variables,
+    to_torch_layout,
+)
+from nanodet_jax.model import build_model
+from nanodet_jax.testing import random_state_dict
+
+
+def torch_shapes(model) -> dict[str, tuple[int, ...]]:
+    return {k: to_torch_layout(np.asarray(v[...])).shape for k, v in model_variables(model).items()}
+
+
+def random_weights(model, seed=3) -> dict[str, np.ndarray]:
+    return random_state_dict(torch_shapes(model), seed)
+
+
+def our_weights_in_torch_layout(model) -> dict[str, np.ndarray]:
+    return {k: to_torch_layout(np.asarray(v[...])) for k, v in model_variables(model).items()}
+
+
+def test_keys_are_nanodet_names(small_model):
+    keys = set(model_variables(small_model))
+    assert "backbone.stage2.0.branch1.0.weight" in keys
+    assert "fpn.top_down_blocks.0.blocks.0.shortcut.2.weight" in keys
+    assert "head.cls_convs.0.1.pwnorm.running_var" in keys
+    assert "head.distribution_project.project" in keys
+    assert "aux_head.scales.3.scale" in keys
+    assert "aux_head.cls_convs.0.gn.weight" in keys
+
+
+def test_numpy_state_dict_round_trip_exact(small_config):
+    model = build_model(small_config, seed=1)
+    sd = random_weights(model)
+    report = load_torch_weights(model, sd)
+    assert not report.missing_aux and not report.reinitialized
+    back = our_weights_in_torch_layout(model)
+    assert set(back) == set(sd)
+    for k in sd:
+        assert back[k].shape == sd[k].shape, k
+        np.testing.assert_array_equal(back[k], sd[k].astype(back[k].dtype), err_msg=k)
+
+
+def test_wrong_architecture_lists_every_problem(small_config, m_config):
+    big = build_model(m_config, with_aux=False)
+    sd = random_weights(build_model(small_config, with_aux=False))
+    with pytest.raises(WeightMismatchError) as err:
+        load_torch_weights(big, sd)
+    msg = str(err.value)
+    assert "shape mismatch (528)" in msg
+    assert (
+        "backbone.stage2.0.branch1.2.weight: checkpoint (24, 24, 1, 1), model (58, 24, 1, 1)" in msg
+    )
+
+
+def test_missing_and_unexpected_keys_are_reported(small_model, small_config):
+    sd = random_weights(small_model)
+    del sd["fpn.reduce_layers.0.conv.weight"]
+    sd["head.extra.weight"] = np.zeros(3, np.float32)
+    model = build_model(small_config)
+    with pytest.raises(WeightMismatchError) as err:
+        load_torch_weights(model, sd)
+    msg = str(err.value)
+    assert "missing (1)" in msg and "fpn.reduce_layers.0.conv.weight" in msg
+    assert "unexpected (1)" in msg and "head.extra.weight" in msg
+
+
+def test_inference_checkpoint_into_models_with_and_without_aux(small_config):
+    inference_model = build_model(small_config, with_aux=False)
+    sd = random_weights(inference_model)
+    assert not any(k.startswith("aux_") for k in sd)
+    report = load_torch_weights(inference_model, sd)
+    assert not report.missing_aux
+    # Into a training model: the aux branch keeps its initialisation, with a notice.
+    training_model = build_model(small_config)
+    report = load_torch_weights(training_model, sd)
+    assert report.missing_aux and all(k.startswith("aux_") for k in report.missing_aux)
+    # A training checkpoint loads into the inference model; aux weights are ignored.
+    full_sd = random_weights(build_model(small_config))
+    load_torch_weights(build_model(small_config, with_aux=False), full_sd)
+
+
+def test_lightning_checkpoint_prefers_ema(small_config):
+    model = build_model(small_config, with_aux=False)
+    raw = random_weights(model, seed=5)
+    ema = random_weights(model, seed=6)
+    ckpt = {
+        "epoch": 3,
+        "state_dict": {**{f"model.{k}": v for k, v in raw.items()},
+                       **{f"avg_model.{k}": v for k, v in ema.items()}},
+    }  # fmt: skip
+    sd, which = extract_state_dict(ckpt)
+    assert which == "EMA"
+    np.testing.assert_array_equal(sd["head.gfl_cls.0.bias"], ema["head.gfl_cls.0.bias"])
+    sd, which = extract_state_dict(ckpt, prefer_ema=False)
+    assert which == "model"
+    load_torch_weights(model, ckpt, prefer_ema=False)
+    np.testing.assert_array_equal(
+        np.asarray(model.head.gfl_cls[0].bias[...]), raw["head.gfl_cls.0.bias"]
+    )
+
+
+def test_allow_reinit_keeps_class_dependent_layers(small_config):
+    sd = random_weights(build_model(small_config, with_aux=False))
+    other = build_model(small_config, with_aux=False)
+    # Pretend the checkpoint was trained with 7 classes.
+    out_channels = 7 + 4 * 8
+    for i in range(4):
+        sd[f"head.gfl_cls.{i}.weight"] = np.zeros((out_channels, 32, 1, 1), np.float32)
+        sd[f"head.gfl_cls.{i}.bias"] = np.zeros((out_channels,), np.float32)
+    with pytest.raises(WeightMismatchError):
+        load_torch_weights(other, sd)
+    report = load_torch_weights(other, sd, allow_reinit=("head.gfl_cls.",))
+    assert len(report.reinitialized) == 8
+
+
+@pytest.mark.needs_torch
+def test_torch_file_round_trip_and_strict_load(tmp_path, small_config):
+    import torch
+
+    from nanodet_jax.convert import save_torch_weights, torch_state_dict
+
+    model = build_model(small_config)
+    sd = random_weights(model)
+    path = os.path.join(tmp_path, "w.pth")
+    torch.save({k: torch.from_numpy(v) for k, v in sd.items()}, path)
+    load_torch_weights(model, path)
+    out = os.path.join(tmp_path, "back.pth")
+    save_torch_weights(model, out)
+    back = torch.load(out, weights_only=True)
+    assert list(back) == list(torch_state_dict(model))
+    for k, v in sd.items():
+        assert back[k].dtype == (
+            torch.int64 if k.endswith("num_batches_tracked") else torch.float32
+        )
+        np.testing.assert_array_equal(back[k].numpy(), v, err_msg=k)
+
+
+@pytest.mark.needs_torch
+def test_real_weights_round_trip(shared_data, m_config):
+    import torch
+
+    from nanodet_jax.convert import torch_state_dict
+
+    path = os.path.join(shared_data, "weights", "nanodet-plus-m_320.pth")
+    original = torch.load(path, weights_only=True)
+    model = build_model(m_config, with_aux=False)
+    load_torch_weights(model, path)
+    back = torch_state_dict(model)
+    assert list(back) == list(original)  # same keys, same order as NanoDet's state_dict
+    for k, v in original.items():
+        assert torch.equal(back[k], v), k
+
+
+def test_bad_files_give_clear_errors(tmp_path, small_model):
+    with pytest.raises(FileNotFoundError, match="no such weights file"):
+        load_torch_weights(small_model, os.path.join(tmp_path, "absent.pth"))
+    bad = os.path.join(tmp_path, "bad.pth")
+    with open(bad, "wb") as f:
+        f.write(b"not a checkpoint")
+    pytest.importorskip("torch")
+    with pytest.raises(ValueError, match="not a readable PyTorch checkpoint"):
+        load_torch_weights(small_model, bad)
