@@ -17,6 +17,7 @@ Usage: ``ref = load_reference("/path/to/nanodet")`` then ``ref.build_model(cfg)`
 from __future__ import annotations
 
 import importlib
+import importlib.machinery
 import os
 import sys
 import types
@@ -76,6 +77,8 @@ def _plain_tabulate(rows, headers=(), **_kwargs) -> str:
 
 def _stub(name: str, **attrs) -> types.ModuleType:
     mod = types.ModuleType(name)
+    # A spec, so that importlib.util.find_spec (used by torch._dynamo) accepts the stub.
+    mod.__spec__ = importlib.machinery.ModuleSpec(name, None)
     mod.__dict__.update(attrs)
     sys.modules[name] = mod
     return mod
