@@ -184,6 +184,9 @@ def nanodet_plus_config(
         "input_size": [input_size, input_size],
         "keep_ratio": False,
         "pipeline": pipeline_train,
+        # Ground-truth slots per image are padded to the smallest of these that fits the
+        # batch (few shapes -> few recompiles); boxes beyond the last are dropped, warned.
+        "max_boxes_buckets": [32, 64, 128],
     }
     c.data.val = {
         "name": "CocoDataset",

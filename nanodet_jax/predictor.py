@@ -42,12 +42,6 @@ class PreparedImage:
     orig_wh: tuple[int, int]
 
 
-def canvas_hw(input_wh: Sequence[int], divisible: int = 32) -> tuple[int, int]:
-    """The static network input (h, w): the configured size rounded up to ``divisible``."""
-    w, h = input_wh
-    return (-(-h // divisible) * divisible, -(-w // divisible) * divisible)
-
-
 class Predictor:
     """Wraps a NanoDet-Plus model for inference with NanoDet's val pipeline.
 
@@ -63,7 +57,7 @@ class Predictor:
         self.input_wh = tuple(int(v) for v in val.input_size)
         self.keep_ratio = bool(val.keep_ratio)
         self.mean, self.std = (tuple(v) for v in val.pipeline.normalize)
-        self.canvas_hw = canvas_hw(self.input_wh)
+        self.canvas_hw = transforms.canvas_hw(self.input_wh)
         self.num_classes = model.num_classes
         self.reg_max = model.reg_max
         self.strides = tuple(model.strides)
@@ -96,13 +90,9 @@ class Predictor:
         return self._raw(self.state, images)
 
     def prepare(self, img: np.ndarray) -> PreparedImage:
-        warped, matrix, (w, h) = transforms.resize_for_inference(
-            img, self.input_wh, self.keep_ratio
-        )
-        ch, cw = self.canvas_hw
-        canvas = np.zeros((ch, cw, 3), np.uint8)
-        canvas[: min(h, ch), : min(w, cw)] = warped[:ch, :cw]
-        return PreparedImage(canvas, matrix, (h, w), (img.shape[1], img.shape[0]))
+        warped, matrix, _ = transforms.resize_for_inference(img, self.input_wh, self.keep_ratio)
+        canvas, valid_hw = transforms.place_on_canvas(warped, self.canvas_hw)
+        return PreparedImage(canvas, matrix, valid_hw, (img.shape[1], img.shape[0]))
 
     def run_prepared(self, batch: Sequence[PreparedImage], batch_size: int | None = None):
         """Detections for prepared images; the batch is zero-padded to ``batch_size``."""

@@ -6,6 +6,7 @@ Every geometric change of an image is one 3x3 matrix applied with a single
 through the same matrix; detections go back through its inverse.
 
 Images leave the host as uint8 (BGR, HWC); normalisation runs on the device.
+Training augmentation (random warp, colour) builds on these in :mod:`nanodet_jax.augment`.
 """
 
 from __future__ import annotations
@@ -87,22 +88,50 @@ def resize_for_inference(
     return warp_image(img, matrix, dst), matrix, dst
 
 
+def canvas_hw(input_wh: Sequence[int], divisible: int = 32) -> tuple[int, int]:
+    """The static network input (h, w): the configured (w, h) rounded up to ``divisible``
+    (NanoDet pads batches to multiples of 32)."""
+    w, h = (int(v) for v in input_wh)
+    return -(-h // divisible) * divisible, -(-w // divisible) * divisible
+
+
+def place_on_canvas(img: np.ndarray, hw: tuple[int, int]) -> tuple[np.ndarray, tuple[int, int]]:
+    """Zero-pad (bottom/right) or crop an image to the canvas; returns it and the valid (h, w)."""
+    ch, cw = hw
+    h, w = min(img.shape[0], ch), min(img.shape[1], cw)
+    if img.shape[:2] == (ch, cw):
+        return img, (h, w)
+    canvas = np.zeros((ch, cw, *img.shape[2:]), img.dtype)
+    canvas[:h, :w] = img[:h, :w]
+    return canvas, (h, w)
+
+
+def standardize(
+    x: jax.Array,
+    mean: Sequence[float],
+    std: Sequence[float],
+    valid_hw: jax.Array | None = None,
+) -> jax.Array:
+    """``(x - mean/255) / (std/255)`` for images already scaled to [0, 1] (NanoDet's order).
+
+    ``valid_hw`` [B, 2] marks each image's real extent inside a padded canvas; the
+    padding becomes 0 after normalisation, as NanoDet's batch padding.
+    """
+    mean = np.asarray(mean, np.float32) / np.float32(255)
+    std = np.asarray(std, np.float32) / np.float32(255)
+    x = (x - mean) / std
+    if valid_hw is not None:
+        rows = jnp.arange(x.shape[1])[None, :, None] < valid_hw[:, 0, None, None]
+        cols = jnp.arange(x.shape[2])[None, None, :] < valid_hw[:, 1, None, None]
+        x = jnp.where((rows & cols)[..., None], x, np.float32(0))
+    return x
+
+
 def normalize(
     images: jax.Array,
     mean: Sequence[float],
     std: Sequence[float],
     valid_hw: jax.Array | None = None,
 ) -> jax.Array:
-    """uint8 BGR NHWC -> float32 normalised as NanoDet (``(x/255 - mean/255) / (std/255)``).
-
-    ``valid_hw`` [B, 2] marks each image's real extent inside a padded canvas;
-    the padding becomes 0 after normalisation, as NanoDet's batch padding.
-    """
-    mean = np.asarray(mean, np.float32) / np.float32(255)
-    std = np.asarray(std, np.float32) / np.float32(255)
-    x = (images.astype(jnp.float32) / np.float32(255) - mean) / std
-    if valid_hw is not None:
-        rows = jnp.arange(images.shape[1])[None, :, None] < valid_hw[:, 0, None, None]
-        cols = jnp.arange(images.shape[2])[None, None, :] < valid_hw[:, 1, None, None]
-        x = jnp.where((rows & cols)[..., None], x, 0.0)
-    return x
+    """uint8 BGR NHWC -> float32 normalised as NanoDet's val pipeline (see :func:`standardize`)."""
+    return standardize(images.astype(jnp.float32) / np.float32(255), mean, std, valid_hw)
