@@ -17,9 +17,8 @@ import os
 import sys
 import time
 
-from nanodet_jax import checkpoint, evaluation
+from nanodet_jax import cli, evaluation
 from nanodet_jax.config_utils import load_config
-from nanodet_jax.convert import load_torch_weights
 from nanodet_jax.data.coco import CocoDetection
 from nanodet_jax.model import build_model
 from nanodet_jax.predictor import Predictor
@@ -30,10 +29,7 @@ log = logging.getLogger("nanodet_jax")
 def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[str]]:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--config", required=True, help="config file, e.g. configs/nanodet_plus_m.py")
-    src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--torch-weights", help="PyTorch NanoDet weights (.pth state_dict or .ckpt)")
-    src.add_argument("--checkpoint", help="orbax checkpoint directory")
-    p.add_argument("--step", type=int, help="checkpoint step (default: latest)")
+    cli.add_weight_args(p)
     p.add_argument("--out-dir", default=None, help="where to write detections/metrics json")
     p.add_argument("--batch-size", type=int, default=None, help="default: config.test.batch_size")
     p.add_argument("--no-progress", action="store_true")
@@ -42,7 +38,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[
 
 def main(argv: list[str] | None = None) -> dict:
     args, overrides = parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s", force=True)
+    cli.setup_logging()
     config = load_config(args.config, overrides)
     val = config.data.val
     dataset = CocoDetection(val.ann_file, val.img_dir)
@@ -52,16 +48,16 @@ def main(argv: list[str] | None = None) -> dict:
             f"error: {val.ann_file} has {len(dataset.class_names)} categories but the model "
             f"predicts {model.num_classes} classes (config model.arch.head.num_classes)"
         )
-    if args.torch_weights:
-        load_torch_weights(model, args.torch_weights)
-    else:
-        checkpoint.restore_weights(args.checkpoint, model, step=args.step)
+    cli.load_weights(model, args)
 
     predictor = Predictor(model, config)
     batch_size = args.batch_size or int(config.test.batch_size)
     start = time.perf_counter()
     results = evaluation.predict_dataset(
-        predictor, dataset.records, batch_size, progress=not args.no_progress
+        predictor,
+        dataset.records,
+        batch_size,
+        progress=cli.progress_enabled() and not args.no_progress,
     )
     seconds = time.perf_counter() - start
     if predictor.truncated_images:

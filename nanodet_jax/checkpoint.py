@@ -104,18 +104,7 @@ def restore_weights(
     target = nnx.to_pure_dict(nnx.state(model))
     saved = _flat_shapes(items[item].tree)
     wanted = _flat_shapes(target)
-    missing = [k for k in wanted if k not in saved]
-    mismatched = [
-        f"{k}: checkpoint {saved[k]}, model {s}"
-        for k, s in wanted.items()
-        if k in saved and saved[k] != s
-    ]
-    if missing or mismatched:
-        lines = [f"checkpoint {directory} (step {step}, item {item!r}) does not fit this model:"]
-        for title, keys in (("missing", missing), ("shape mismatch", mismatched)):
-            if keys:
-                lines += [f"  {title} ({len(keys)}):"] + [f"    {k}" for k in keys[:40]]
-        raise WeightMismatchError("\n".join(lines))
+    _check_shapes(saved, wanted, f"{directory} step {step}", item)
     extra = [k for k in saved if k not in wanted]
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
     if extra:
@@ -145,3 +134,95 @@ def _select_like(target: Any, source: Any) -> Any:
             out[k] = _select_like(v, sub)
         return out
     return source
+
+
+# --------------------------------------------------------------------------- training
+TRAIN_ITEMS = {**WEIGHT_ITEMS, "opt_state": ocp.StandardCheckpointHandler}
+
+
+def train_manager(directory: str | os.PathLike, keep: int) -> ocp.CheckpointManager:
+    """Keeps the last ``keep`` training checkpoints; saves asynchronously."""
+    opts = ocp.CheckpointManagerOptions(
+        max_to_keep=keep, create=True, enable_async_checkpointing=True
+    )
+    handlers = {name: handler() for name, handler in TRAIN_ITEMS.items()}
+    return ocp.CheckpointManager(os.path.abspath(directory), options=opts, item_handlers=handlers)
+
+
+def save_train_state(mngr: ocp.CheckpointManager, state: Any, meta: dict) -> None:
+    """Save a ``trainer.TrainState`` (weights, EMA, optimizer) at its step, plus ``meta``."""
+    model = nnx.to_pure_dict(nnx.merge_state(state.params, state.model_state))
+    mngr.save(
+        int(jax.device_get(state.step)),
+        args=ocp.args.Composite(
+            model=ocp.args.StandardSave(model),
+            ema=ocp.args.StandardSave(nnx.to_pure_dict(state.ema)),
+            opt_state=ocp.args.StandardSave(state.opt_state),
+            meta=ocp.args.JsonSave(meta),
+        ),
+    )
+
+
+def restore_train_state(mngr: ocp.CheckpointManager, template: Any, step: int | None = None):
+    """The ``TrainState`` saved at ``step`` (default: latest) and its meta.
+
+    ``template`` (a freshly created state, placed with the shardings wanted now) gives
+    the structure, dtypes and target shardings, so a checkpoint written on N devices
+    restores onto M.
+    """
+    step = mngr.latest_step() if step is None else step
+    full = nnx.merge_state(template.params, template.model_state)
+
+    def abstract(tree):
+        return jax.tree.map(ocp.utils.to_shape_dtype_struct, tree)
+
+    targets = {
+        "model": nnx.to_pure_dict(full),
+        "ema": nnx.to_pure_dict(template.ema),
+        "opt_state": template.opt_state,
+    }
+    saved = mngr.item_metadata(step)
+    missing = [k for k in targets if saved[k] is None]
+    if missing:
+        raise WeightMismatchError(f"training checkpoint step {step} lacks items {missing}")
+    for name in ("model", "ema"):
+        where = f"{mngr.directory} step {step}"
+        _check_shapes(_flat_shapes(saved[name].tree), _flat_shapes(targets[name]), where, name)
+    restored = mngr.restore(
+        step,
+        args=ocp.args.Composite(
+            **{k: ocp.args.StandardRestore(abstract(v)) for k, v in targets.items()},
+            meta=ocp.args.JsonRestore(),
+        ),
+    )
+    params, model_state, ema = template.params, template.model_state, template.ema
+    nnx.replace_by_pure_dict(params, _select_like(nnx.to_pure_dict(params), restored["model"]))
+    nnx.replace_by_pure_dict(
+        model_state, _select_like(nnx.to_pure_dict(model_state), restored["model"])
+    )
+    nnx.replace_by_pure_dict(ema, restored["ema"])
+    state = template.replace(
+        step=jax.numpy.asarray(step, jax.numpy.int32),
+        params=params,
+        model_state=model_state,
+        opt_state=restored["opt_state"],
+        ema=ema,
+    )
+    return state, dict(restored["meta"] or {})
+
+
+def _check_shapes(saved: dict, wanted: dict, where: Any, item: str) -> None:
+    """Raise :class:`WeightMismatchError` listing every missing or mis-shaped key."""
+    missing = [k for k in wanted if k not in saved]
+    mismatched = [
+        f"{k}: checkpoint {saved[k]}, model {s}"
+        for k, s in wanted.items()
+        if k in saved and saved[k] != s
+    ]
+    if missing or mismatched:
+        lines = [f"checkpoint {where} (item {item!r}) does not fit this model:"]
+        for title, keys in (("missing", missing), ("shape mismatch", mismatched)):
+            if keys:
+                lines += [f"  {title} ({len(keys)}):"] + [f"    {k}" for k in keys[:40]]
+        lines.append("  (was it written with another config?)")
+        raise WeightMismatchError("\n".join(lines))

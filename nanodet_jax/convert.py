@@ -228,7 +228,7 @@ def save_torch_weights(model: nnx.Module, path: str | os.PathLike) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from nanodet_jax import checkpoint
+    from nanodet_jax import checkpoint, cli
     from nanodet_jax.config_utils import load_config
     from nanodet_jax.model import build_model
 
@@ -241,7 +241,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--export-torch", help="write the weights as a NanoDet .pth state_dict")
     p.add_argument("--no-ema", action="store_true", help="take raw, not EMA, weights of a .ckpt")
     args, overrides = p.parse_known_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s", force=True)
+    cli.setup_logging()
     config = load_config(args.config, overrides)
     if args.torch_weights:
         sd, _ = extract_state_dict(read_torch_file(args.torch_weights), not args.no_ema)

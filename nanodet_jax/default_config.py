@@ -217,6 +217,9 @@ def nanodet_plus_config(
         "val_intervals": 10,
     }
     c.grad_clip = 35.0
+    # Fine-tuning start point: a NanoDet .pth / .ckpt or an orbax checkpoint directory.
+    c.init_from = ""
+    c.checkpoint = {"every_steps": 1000, "keep": 3}
     c.evaluator = {"name": "CocoDetectionEvaluator", "save_key": "mAP"}
     c.log = {"interval": 50}
     c.seed = 0

@@ -22,9 +22,8 @@ from collections.abc import Sequence
 
 import cv2
 
-from nanodet_jax import checkpoint
+from nanodet_jax import cli
 from nanodet_jax.config_utils import load_config
-from nanodet_jax.convert import load_torch_weights
 from nanodet_jax.data.coco import read_image
 from nanodet_jax.model import build_model
 from nanodet_jax.predictor import Detections, Predictor
@@ -39,16 +38,15 @@ def load_predictor(
     torch_weights: str | None = None,
     checkpoint_dir: str | None = None,
     overrides: Sequence[str] = (),
+    step: int | None = None,
 ) -> Predictor:
     """A Predictor for a config file and weights (exactly one of the two sources)."""
     if (torch_weights is None) == (checkpoint_dir is None):
         raise ValueError("give exactly one of torch_weights or checkpoint_dir")
     config = load_config(config_path, overrides)
     model = build_model(config, with_aux=False)
-    if torch_weights:
-        load_torch_weights(model, torch_weights)
-    else:
-        checkpoint.restore_weights(checkpoint_dir, model)
+    source = argparse.Namespace(torch_weights=torch_weights, checkpoint=checkpoint_dir, step=step)
+    cli.load_weights(model, source)
     return Predictor(model, config)
 
 
@@ -106,14 +104,14 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("inputs", nargs="+", help="image files or folders")
     p.add_argument("--config", required=True)
-    src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--torch-weights")
-    src.add_argument("--checkpoint")
+    cli.add_weight_args(p)
     p.add_argument("--out-dir", default="predictions")
     p.add_argument("--score-thr", type=float, default=0.35, help="drawing threshold")
     args, overrides = p.parse_known_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s", force=True)
-    predictor = load_predictor(args.config, args.torch_weights, args.checkpoint, overrides)
+    cli.setup_logging()
+    predictor = load_predictor(
+        args.config, args.torch_weights, args.checkpoint, overrides, args.step
+    )
     paths = image_paths(args.inputs)
     if not paths:
         p.error("no images found in the given inputs")

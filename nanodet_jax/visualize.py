@@ -40,3 +40,34 @@ def draw_detections(
         cv2.rectangle(out, (x0, top - th - 2), (x0 + tw + 2, top), color, -1)
         cv2.putText(out, text, (x0 + 1, top - 2), font, 0.5, text_color, 1, cv2.LINE_AA)
     return out
+
+
+def plot_training_curves(records: Sequence[dict], path: str) -> None:
+    """Loss terms, learning rate and val mAP against the step, as one PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    train = [r for r in records if r.get("kind") == "train"]
+    evals = [r for r in records if r.get("kind") == "eval"]
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    steps = [r["step"] for r in train]
+    for key in ("loss", "loss_qfl", "loss_bbox", "loss_dfl", "aux_loss_qfl"):
+        if train and key in train[0]:
+            axes[0].plot(steps, [r[key] for r in train], label=key)
+    axes[0].set(title="training loss", xlabel="step")
+    axes[0].legend(fontsize=8)
+    if train and "lr" in train[0]:
+        axes[1].plot(steps, [r["lr"] for r in train])
+    axes[1].set(title="learning rate", xlabel="step")
+    if evals:
+        axes[2].plot([r["step"] for r in evals], [r["AP"] for r in evals], "o-", label="mAP")
+        axes[2].plot([r["step"] for r in evals], [r["AP50"] for r in evals], "s--", label="AP50")
+        axes[2].legend(fontsize=8)
+    axes[2].set(title="val (EMA weights)", xlabel="step")
+    for ax in axes:
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)

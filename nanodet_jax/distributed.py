@@ -1,0 +1,79 @@
+"""Devices, hosts and shardings: one data-parallel mesh axis over every device of every host.
+
+Parameters, optimizer state and EMA are replicated; batches are split along the
+``data`` axis. Under ``jax.jit`` this makes every batch statistic global: BatchNorm
+statistics and the loss normalisers (number of positives, bbox weight sum) are taken
+over the whole global batch, which PyTorch needs SyncBatchNorm and all-reduces for.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Mapping
+
+import jax
+import numpy as np
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
+
+log = logging.getLogger("nanodet_jax")
+DATA_AXIS = "data"
+
+
+def initialize(
+    coordinator: str | None = None,
+    num_processes: int | None = None,
+    process_id: int | None = None,
+) -> None:
+    """``jax.distributed.initialize`` when running on several processes.
+
+    Explicit arguments win; otherwise JAX auto-detects Cloud TPU pods, SLURM and
+    the like (``JAX_COORDINATOR_ADDRESS`` etc.). A plain single-process run does nothing.
+    """
+    explicit = coordinator is not None or (num_processes or 1) > 1
+    managed = any(
+        k in os.environ
+        for k in (
+            "SLURM_JOB_ID",
+            "TPU_WORKER_HOSTNAMES",
+            "JAX_COORDINATOR_ADDRESS",
+            "MEGASCALE_COORDINATOR_ADDRESS",
+        )
+    )
+    if not (explicit or managed):
+        return
+    kwargs = {}
+    if coordinator is not None:
+        kwargs = dict(
+            coordinator_address=coordinator, num_processes=num_processes, process_id=process_id
+        )
+    jax.distributed.initialize(**kwargs)
+    log.info(
+        f"process {jax.process_index()} of {jax.process_count()}: "
+        f"{jax.local_device_count()} local / {jax.device_count()} global devices"
+    )
+
+
+def data_mesh() -> Mesh:
+    """A 1-D mesh over all devices (Auto axis: shardings propagate as in plain ``jit``)."""
+    return jax.make_mesh((jax.device_count(),), (DATA_AXIS,), axis_types=(AxisType.Auto,))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, PartitionSpec())
+
+
+def batch_sharded(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, PartitionSpec(DATA_AXIS))
+
+
+def global_batch(local: Mapping[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
+    """Assemble this process's rows of every field into global batch-sharded arrays."""
+    sharding = batch_sharded(mesh)
+    return {
+        k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in local.items()
+    }
+
+
+def is_main_process() -> bool:
+    return jax.process_index() == 0

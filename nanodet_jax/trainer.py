@@ -1,0 +1,163 @@
+"""The training state and the jit-compiled NanoDet-Plus train step.
+
+One step, inside one XLA program: colour augmentation and normalisation of the
+uint8 batch -> both PANs and both heads (``forward_train``) -> dynamic soft label
+assignment from the aux head's detached predictions -> GFL losses of both heads ->
+gradients -> clipping + AdamW -> EMA of weights and BatchNorm statistics.
+
+The step is a pure function of ``(TrainState, batch)`` built from ``nnx.split`` /
+``nnx.merge`` (``nnx.jit`` would add Python overhead per step); the two AGM phases
+(before / after ``detach_epoch``) are two compiled programs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx, struct
+
+from nanodet_jax import transforms
+from nanodet_jax.augment import color_augment_and_normalize
+from nanodet_jax.box_ops import center_priors
+from nanodet_jax.losses import nanodet_plus_loss
+from nanodet_jax.optim import ema_decay
+
+Batch = dict[str, jax.Array]
+
+
+class TrainState(struct.PyTreeNode):
+    """Everything a step changes; a pytree, checkpointed as is."""
+
+    step: jax.Array  # int32: optimizer steps taken so far
+    params: nnx.State  # trainable parameters (nnx.Param), float32 master copy
+    model_state: nnx.State  # BatchNorm statistics and buffers
+    opt_state: optax.OptState
+    ema: nnx.State  # EMA of params *and* model_state, as NanoDet's ExpMovingAverager
+
+
+def split_model(model: nnx.Module) -> tuple[nnx.GraphDef, nnx.State, nnx.State]:
+    """Train-mode graph definition, parameters, and the rest of the state."""
+    model.train()
+    graphdef, params, model_state = nnx.split(model, nnx.Param, ...)
+    return graphdef, params, model_state
+
+
+def create_train_state(
+    model: nnx.Module, tx: optax.GradientTransformation
+) -> tuple[Any, TrainState]:
+    graphdef, params, model_state = split_model(model)
+    ema = jax.tree.map(jnp.copy, nnx.merge_state(params, model_state))
+    state = TrainState(
+        step=jnp.zeros((), jnp.int32),
+        params=params,
+        model_state=model_state,
+        opt_state=tx.init(params),
+        ema=ema,
+    )
+    return graphdef, state
+
+
+def merge_for_eval(graphdef: Any, full_state: nnx.State) -> nnx.Module:
+    """An eval-mode model from the train graph and a full state (e.g. the EMA weights)."""
+    model = nnx.merge(graphdef, full_state, copy=True)
+    model.eval()
+    return model
+
+
+def update_ema(ema: nnx.State, current: nnx.State, iteration: jax.Array, decay: float) -> nnx.State:
+    """``ema = ema * (1 - d) + current * d`` with NanoDet's iteration-dependent ``d``.
+
+    Integer buffers (``num_batches_tracked``) are averaged in float and truncated, as
+    PyTorch's in-place ``copy_`` into an int64 tensor does.
+    """
+    d = ema_decay(iteration.astype(jnp.float32), decay)
+
+    def mix(e, c):
+        if jnp.issubdtype(e.dtype, jnp.integer):
+            return jnp.trunc(e.astype(jnp.float32) * (1 - d) + c.astype(jnp.float32) * d).astype(
+                e.dtype
+            )
+        return (e * (1 - d) + c * d).astype(e.dtype)
+
+    return jax.tree.map(mix, ema, current)
+
+
+def compute_dtype(config: Any) -> jnp.dtype:
+    precision = str(config.device.get("precision", "fp32")).lower()
+    if precision in ("fp32", "32", "float32"):
+        return jnp.float32
+    if precision in ("bf16", "bfloat16"):
+        return jnp.bfloat16
+    raise ValueError(f"device.precision must be fp32 or bf16, got {precision!r}")
+
+
+def make_train_step(
+    graphdef: Any,
+    tx: optax.GradientTransformation,
+    config: Any,
+    *,
+    detach_aux: bool,
+    lr_fn: Callable[[jax.Array], jax.Array] | None = None,
+) -> Callable[[TrainState, Batch], tuple[TrainState, dict[str, jax.Array]]]:
+    """The (un-jitted) train step of one AGM phase; ``lr_fn`` only feeds the metrics."""
+    arch = config.model.arch
+    num_classes, reg_max = int(arch.head.num_classes), int(arch.head.reg_max)
+    loss_cfg = arch.head.loss.to_dict() if hasattr(arch.head.loss, "to_dict") else arch.head.loss
+    train = config.data.train
+    canvas_hw = transforms.canvas_hw(train.input_size)
+    mean, std = (tuple(v) for v in train.pipeline.normalize)
+    decay = float(config.model.weight_averager.decay)
+    dtype = compute_dtype(config)
+    strides = tuple(arch.head.strides)
+
+    def step_fn(state: TrainState, batch: Batch) -> tuple[TrainState, dict[str, jax.Array]]:
+        images = color_augment_and_normalize(
+            batch["images"], batch["color"], mean, std, batch.get("valid_hw")
+        )
+        priors = center_priors(images.shape[1:3], strides)
+        if images.shape[1:3] != canvas_hw:
+            raise ValueError(f"batch images {images.shape[1:3]} != configured {canvas_hw}")
+
+        def loss_fn(params):
+            compute_params = jax.tree.map(lambda p: p.astype(dtype), params)
+            model = nnx.merge(graphdef, compute_params, state.model_state, copy=True)
+            head_out, aux_out = model.forward_train(images.astype(dtype), detach_aux)
+            total, terms = nanodet_plus_loss(
+                head_out,
+                aux_out,
+                batch["gt_boxes"],
+                batch["gt_labels"],
+                batch["gt_mask"],
+                priors,
+                loss_cfg,
+                num_classes,
+                reg_max,
+            )
+            new_model_state = nnx.state(model, nnx.Not(nnx.Param))
+            return total, (terms, new_model_state)
+
+        (loss, (terms, model_state)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+            state.params
+        )
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        step = state.step + 1
+        ema = update_ema(state.ema, nnx.merge_state(params, model_state), step, decay)
+        metrics = {"loss": loss, **terms, "grad_norm": optax.global_norm(grads)}
+        if lr_fn is not None:
+            metrics["lr"] = lr_fn(state.step)
+        new_state = TrainState(step, params, model_state, opt_state, ema)
+        return new_state, metrics
+
+    return step_fn
+
+
+def batch_from_host(batch: dict[str, np.ndarray]) -> Batch:
+    """The device-side fields of a loader batch."""
+    keys = ("images", "color", "gt_boxes", "gt_labels", "gt_mask", "valid_hw")
+    return {k: batch[k] for k in keys if k in batch}

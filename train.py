@@ -1,0 +1,205 @@
+"""Train NanoDet-Plus.
+
+    python train.py --config configs/nanodet_plus_m.py [--workdir DIR] [--config.a.b=value ...]
+
+Follow one batch: ``TrainLoader`` (nanodet_jax/data/pipeline.py: decode, NanoDet's warp
+augmentation, uint8 batches) -> ``distributed.global_batch`` (sharded over every device
+of every host) -> ``trainer`` step (colour augmentation, both PANs and heads, the
+assigner and GFL losses, AdamW, EMA) -> back here for logging, checkpoints and COCO
+evaluation of the EMA weights.
+
+The workdir holds ``checkpoints/`` (last K, resumed automatically), ``best/`` (best
+val mAP, EMA weights), ``metrics.jsonl``, TensorBoard logs and ``curves.png``.
+Multi-host: run the same command on every host; ``jax.distributed`` is initialised
+automatically on Cloud TPU / SLURM, or with ``--coordinator``, ``--num_processes`` and
+``--process_id``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import time
+
+import jax
+
+from nanodet_jax import checkpoint, cli, distributed, evaluation, trainer
+from nanodet_jax.config_utils import load_config
+from nanodet_jax.convert import load_torch_weights
+from nanodet_jax.data.coco import CocoDetection
+from nanodet_jax.data.pipeline import train_loader_from_config
+from nanodet_jax.model import build_model
+from nanodet_jax.optim import build_optimizer, lr_schedule
+from nanodet_jax.predictor import Predictor
+from nanodet_jax.training_log import TrainingLog
+
+log = logging.getLogger("nanodet_jax")
+# Class-dependent outputs: re-initialised when fine-tuning to another class count.
+CLASS_DEPENDENT = ("head.gfl_cls.", "aux_head.gfl_cls.")
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--config", required=True, help="config file, e.g. configs/nanodet_plus_m.py")
+    p.add_argument("--workdir", help="default: workdir/<config name>")
+    p.add_argument("--coordinator", help="host:port of process 0 (multi-process runs)")
+    p.add_argument("--num_processes", type=int)
+    p.add_argument("--process_id", type=int)
+    p.add_argument("--max_steps", type=int, help="stop after this global step (testing)")
+    return p.parse_known_args(argv)
+
+
+def check_classes(config, dataset: CocoDetection) -> None:
+    head = config.model.arch.head.num_classes
+    if len(dataset.class_names) != head:
+        raise SystemExit(
+            f"error: {dataset.ann_file} has {len(dataset.class_names)} categories "
+            f"({', '.join(dataset.class_names[:5])}...) but the model has {head} classes; set "
+            f"--config.model.arch.head.num_classes={len(dataset.class_names)} "
+            f"--config.model.arch.aux_head.num_classes={len(dataset.class_names)} and "
+            "--config.class_names"
+        )
+
+
+def init_weights(model, source: str) -> None:
+    """Fine-tuning start point: NanoDet .pth/.ckpt or one of our checkpoint directories."""
+    if os.path.isdir(source):
+        checkpoint.restore_weights(source, model)
+        return
+    report = load_torch_weights(model, source, allow_reinit=CLASS_DEPENDENT)
+    if report.reinitialized:
+        log.warning(
+            f"class count differs from {source}: re-initialised "
+            f"{', '.join(sorted({k.rsplit('.', 2)[0] for k in report.reinitialized}))}"
+        )
+    if report.missing_aux:
+        log.info(
+            "the weights have no aux branch (inference checkpoint): aux_fpn/aux_head start fresh"
+        )
+
+
+def evaluate(graphdef, state, config, val: CocoDetection, epoch: int) -> dict:
+    """COCO mAP of the EMA weights on the val set."""
+    predictor = Predictor(trainer.merge_for_eval(graphdef, state.ema), config)
+    results = evaluation.predict_dataset(
+        predictor, val.records, int(config.test.batch_size), progress=False
+    )
+    metrics = evaluation.coco_evaluate(val, evaluation.to_coco_json(results, val.cat_ids))
+    stats = metrics["stats"]
+    log.info(f"epoch {epoch} val (EMA): mAP {stats['AP']:.4f} AP50 {stats['AP50']:.4f}")
+    return stats
+
+
+def main(argv=None) -> None:
+    args, overrides = parse_args(argv)
+    cli.setup_logging()
+    distributed.initialize(args.coordinator, args.num_processes, args.process_id)
+    main_process = distributed.is_main_process()
+    if not main_process:
+        log.setLevel(logging.WARNING)
+    config = load_config(args.config, overrides)
+    workdir = os.path.abspath(args.workdir or os.path.join("workdir", config.name))
+
+    train_set = CocoDetection(config.data.train.ann_file, config.data.train.img_dir)
+    val_set = CocoDetection(config.data.val.ann_file, config.data.val.img_dir)
+    check_classes(config, train_set)
+    mesh = distributed.data_mesh()
+    global_batch = int(config.device.batch_size_per_device) * jax.device_count()
+    loader = train_loader_from_config(
+        train_set.records, config, global_batch,
+        process_index=jax.process_index(), process_count=jax.process_count(),
+    )  # fmt: skip
+    steps_per_epoch = loader.steps_per_epoch
+    epochs = int(config.schedule.total_epochs)
+    total_steps = min(epochs * steps_per_epoch, args.max_steps or 1 << 62)
+
+    model = build_model(config, seed=int(config.seed))
+    if config.get("init_from"):
+        init_weights(model, config.init_from)
+    tx = build_optimizer(config, steps_per_epoch)
+    lr_fn = lr_schedule(config.schedule, steps_per_epoch)
+    graphdef, state = trainer.create_train_state(model, tx)
+    del model
+    state = jax.device_put(state, distributed.replicated(mesh))
+
+    mngr = checkpoint.train_manager(
+        os.path.join(workdir, "checkpoints"), int(config.checkpoint.keep)
+    )
+    history = TrainingLog(workdir, enabled=main_process, progress_bar=cli.progress_enabled())
+    best_map = -1.0
+    if mngr.latest_step() is not None:
+        state, meta = checkpoint.restore_train_state(mngr, state)
+        best_map = float(meta.get("best_map", -1.0))
+        log.info(f"resumed from {mngr.directory} at step {int(state.step)}")
+    start = int(state.step)
+    start_epoch, start_in_epoch = divmod(start, steps_per_epoch)
+
+    steps = {}  # one compiled program per AGM phase
+
+    def train_step(detach: bool):
+        if detach not in steps:
+            fn = trainer.make_train_step(graphdef, tx, config, detach_aux=detach, lr_fn=lr_fn)
+            steps[detach] = jax.jit(
+                fn,
+                in_shardings=(distributed.replicated(mesh), distributed.batch_sharded(mesh)),
+                out_shardings=(distributed.replicated(mesh), distributed.replicated(mesh)),
+                donate_argnums=0,
+            )
+        return steps[detach]
+
+    log.info(
+        f"training {config.name}: {len(train_set)} images, global batch {global_batch} on "
+        f"{jax.device_count()} device(s), {steps_per_epoch} steps/epoch, {epochs} epochs, "
+        f"workdir {workdir}"
+    )
+    progress = history.progress(total_steps, start)
+    pending = None  # metrics of the previous step, checked after the next is dispatched
+    t_last, images_since = time.perf_counter(), 0
+    for epoch, step_in_epoch, local_batch in loader(start_epoch, start_in_epoch):
+        step = epoch * steps_per_epoch + step_in_epoch
+        if step >= total_steps:
+            break
+        batch = distributed.global_batch(trainer.batch_from_host(local_batch), mesh)
+        state, metrics = train_step(epoch >= int(config.model.arch.detach_epoch))(state, batch)
+        if pending is not None:
+            history.check_finite(*pending)
+        pending = (step + 1, epoch, metrics)
+        images_since += global_batch
+        done = step + 1
+        if done % int(config.log.interval) == 0 or done == total_steps or done == start + 1:
+            values = history.check_finite(*pending)
+            now = time.perf_counter()
+            values["img_per_s"] = images_since / (now - t_last)
+            t_last, images_since = now, 0
+            history.log_train(done, epoch, values)
+        progress.update(1)
+        end_of_epoch = step_in_epoch == steps_per_epoch - 1
+        if done % int(config.checkpoint.every_steps) == 0 or end_of_epoch or done == total_steps:
+            checkpoint.save_train_state(
+                mngr, state, {"epoch": epoch, "best_map": best_map, "name": config.name}
+            )
+        val_due = end_of_epoch and (epoch + 1) % int(config.schedule.val_intervals) == 0
+        if val_due or done == total_steps:
+            stats = evaluate(graphdef, state, config, val_set, epoch + 1)
+            history.log_eval(done, epoch + 1, stats)
+            if stats["AP"] > best_map:
+                best_map = stats["AP"]
+                checkpoint.save_weights(
+                    os.path.join(workdir, "best"), trainer.merge_for_eval(graphdef, state.ema),
+                    config, step=done,
+                )  # fmt: skip
+        if done >= total_steps:
+            break
+    if pending is not None:
+        history.check_finite(*pending)
+    mngr.wait_until_finished()
+    progress.close()
+    history.finish()
+    if main_process:
+        print(json.dumps({"final_step": int(state.step), "best_mAP": best_map, "workdir": workdir}))
+
+
+if __name__ == "__main__":
+    main()
