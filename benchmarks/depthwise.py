@@ -82,8 +82,9 @@ SHAPES = [
 QUICK = [SHAPES[i] for i in (2, 3, 7, 11, 17)]
 
 
-def _time_interleaved(fns: dict[str, Callable[[], Any]], repeats: int,
-                      budget_s: float) -> dict[str, list[float]]:
+def _time_interleaved(
+    fns: dict[str, Callable[[], Any]], repeats: int, budget_s: float
+) -> dict[str, list[float]]:
     """Wall times (ms) per candidate, measured round-robin after warm-up.
 
     Interleaving makes background load hit every candidate alike. A candidate that has
@@ -117,8 +118,10 @@ def jax_candidates(impl: str, s: Shape, batch: int) -> dict[str, Callable[[], An
 
     jf, jfb = jax.jit(fwd), jax.jit(fwd_bwd)
     g = jnp.ones_like(jf(x, w))
-    return {f"{impl} fwd": lambda: jax.block_until_ready(jf(x, w)),
-            f"{impl} f+b": lambda: jax.block_until_ready(jfb(x, w, g))}
+    return {
+        f"{impl} fwd": lambda: jax.block_until_ready(jf(x, w)),
+        f"{impl} f+b": lambda: jax.block_until_ready(jfb(x, w, g)),
+    }
 
 
 def torch_candidates(s: Shape, batch: int) -> dict[str, Callable[[], Any]]:
@@ -130,8 +133,9 @@ def torch_candidates(s: Shape, batch: int) -> dict[str, Callable[[], Any]]:
     xg, wg = x.clone().requires_grad_(True), w.clone().requires_grad_(True)
 
     def conv(x: Any, w: Any) -> Any:
-        return torch.nn.functional.conv2d(x, w, stride=s.stride, padding=s.padding,
-                                          groups=s.channels)
+        return torch.nn.functional.conv2d(
+            x, w, stride=s.stride, padding=s.padding, groups=s.channels
+        )
 
     with torch.no_grad():
         g = torch.ones_like(conv(x, w))
@@ -160,9 +164,13 @@ def main() -> None:
     parser.add_argument("--batch", type=int, nargs="+", default=[1, 16])
     parser.add_argument("--impls", nargs="+", default=["lax", "xla", "ffi"])
     parser.add_argument("--repeats", type=int, default=None)
-    parser.add_argument("--stat", choices=["median", "min"], default="median",
-                        help="statistic shown in the table (the JSON has both); min is "
-                        "more robust when other processes compete for the cores")
+    parser.add_argument(
+        "--stat",
+        choices=["median", "min"],
+        default="median",
+        help="statistic shown in the table (the JSON has both); min is "
+        "more robust when other processes compete for the cores",
+    )
     parser.add_argument("--json", type=str, default=None, help="save results to this path")
     args = parser.parse_args()
 
@@ -172,24 +180,34 @@ def main() -> None:
     impls = list(args.impls) + (["torch"] if _have_torch() else [])
     if "ffi" in impls and not depthwise_ffi.load():
         impls.remove("ffi")  # load() has logged why
-    print(f"jax {jax.__version__} on {jax.devices()[0].device_kind}, "
-          f"{os.cpu_count()} CPUs; {args.stat} ms over up to {repeats} "
-          "interleaved runs\n")
+    print(
+        f"jax {jax.__version__} on {jax.devices()[0].device_kind}, "
+        f"{os.cpu_count()} CPUs; {args.stat} ms over up to {repeats} "
+        "interleaved runs\n"
+    )
 
     results = []
     for batch in args.batch:
-        cols = " | ".join(f"{i} fwd" for i in impls) + " | " + " | ".join(
-            f"{i} f+b" for i in impls)
+        cols = " | ".join(f"{i} fwd" for i in impls) + " | " + " | ".join(f"{i} f+b" for i in impls)
         ratio = " | ffi/torch fwd | ffi/torch f+b" if "torch" in impls and "ffi" in impls else ""
         print(f"### batch {batch}\n\n| shape | C | HxW | k/s | {cols}{ratio} |")
         print("|" + "---|" * (4 + 2 * len(impls) + (2 if ratio else 0)))
         for s in shapes:
-            row: dict[str, Any] = {"name": s.name, "batch": batch, "channels": s.channels,
-                                   "size": s.size, "k": s.k, "stride": s.stride}
+            row: dict[str, Any] = {
+                "name": s.name,
+                "batch": batch,
+                "channels": s.channels,
+                "size": s.size,
+                "k": s.k,
+                "stride": s.stride,
+            }
             fns: dict[str, Callable[[], Any]] = {}
             for impl in impls:
-                fns |= torch_candidates(s, batch) if impl == "torch" else jax_candidates(
-                    impl, s, batch)
+                fns |= (
+                    torch_candidates(s, batch)
+                    if impl == "torch"
+                    else jax_candidates(impl, s, batch)
+                )
             for name, ts in _time_interleaved(fns, repeats, budget_s).items():
                 impl, what = name.split()
                 key = f"{impl}_{'fwd' if what == 'fwd' else 'fwd_bwd'}"
@@ -201,8 +219,12 @@ def main() -> None:
             if ratio:
                 cells.append(f"{row[f'ffi_fwd{sfx}'] / row[f'torch_fwd{sfx}']:.2f}")
                 cells.append(f"{row[f'ffi_fwd_bwd{sfx}'] / row[f'torch_fwd_bwd{sfx}']:.2f}")
-            print(f"| {s.name} | {s.channels} | {s.size}x{s.size} | {s.k}/{s.stride} | "
-                  + " | ".join(cells) + " |", flush=True)
+            print(
+                f"| {s.name} | {s.channels} | {s.size}x{s.size} | {s.k}/{s.stride} | "
+                + " | ".join(cells)
+                + " |",
+                flush=True,
+            )
         print()
     if args.json:
         with open(args.json, "w") as f:

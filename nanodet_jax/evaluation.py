@@ -20,8 +20,19 @@ log = logging.getLogger("nanodet_jax")
 
 # COCOeval.stats, in order.
 STAT_NAMES = (
-    "AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl",
-)  # fmt: skip
+    "AP",
+    "AP50",
+    "AP75",
+    "APs",
+    "APm",
+    "APl",
+    "AR1",
+    "AR10",
+    "AR100",
+    "ARs",
+    "ARm",
+    "ARl",
+)
 # The names NanoDet logs for the first six.
 NANODET_NAMES = ("mAP", "AP_50", "AP_75", "AP_small", "AP_m", "AP_l")
 
@@ -76,12 +87,14 @@ def to_coco_json(results: dict[int, Detections], cat_ids: Sequence[int]) -> list
     for image_id, det in results.items():
         for box, score, label in zip(det.boxes.tolist(), det.scores.tolist(), det.labels.tolist()):
             x1, y1, x2, y2 = box
-            out.append({
-                "image_id": int(image_id),
-                "category_id": int(cat_ids[label]),
-                "bbox": [x1, y1, x2 - x1, y2 - y1],
-                "score": float(score),
-            })  # fmt: skip
+            out.append(
+                {
+                    "image_id": int(image_id),
+                    "category_id": int(cat_ids[label]),
+                    "bbox": [x1, y1, x2 - x1, y2 - y1],
+                    "score": float(score),
+                }
+            )
     return out
 
 

@@ -34,8 +34,7 @@ IMPLS = ("auto", "ffi", "xla", "lax")
 Impl = Callable[[jax.Array, jax.Array, int, int], jax.Array]
 
 
-def depthwise_conv2d_lax(x: jax.Array, kernel: jax.Array, stride: int,
-                         padding: int) -> jax.Array:
+def depthwise_conv2d_lax(x: jax.Array, kernel: jax.Array, stride: int, padding: int) -> jax.Array:
     """Reference: grouped convolution with one group per channel."""
     return lax.conv_general_dilated(
         x,
@@ -52,22 +51,25 @@ def _cpu_impl(choice: str, k: int) -> Impl:
         return depthwise_conv2d_xla
     if choice == "ffi":
         if k > depthwise_ffi.MAX_KERNEL:
-            raise ValueError(f"{ENV_VAR}=ffi supports kernel sizes up to "
-                             f"{depthwise_ffi.MAX_KERNEL}, got {k}")
+            raise ValueError(
+                f"{ENV_VAR}=ffi supports kernel sizes up to {depthwise_ffi.MAX_KERNEL}, got {k}"
+            )
         if not depthwise_ffi.load():
-            raise RuntimeError(f"{ENV_VAR}=ffi but the C++ depthwise kernel could not be "
-                               "built (see the warning above)")
+            raise RuntimeError(
+                f"{ENV_VAR}=ffi but the C++ depthwise kernel could not be "
+                "built (see the warning above)"
+            )
         return depthwise_ffi.depthwise_conv2d_ffi
     # auto. Only pay for building the C++ kernel when CPU is the default backend: on a
     # GPU/TPU host the CPU branch is rarely compiled and the XLA fallback is correct.
-    if (k <= depthwise_ffi.MAX_KERNEL and jax.default_backend() == "cpu"
-            and depthwise_ffi.load()):
+    if k <= depthwise_ffi.MAX_KERNEL and jax.default_backend() == "cpu" and depthwise_ffi.load():
         return depthwise_ffi.depthwise_conv2d_ffi
     return depthwise_conv2d_xla
 
 
-def depthwise_conv2d(x: jax.Array, kernel: jax.Array, stride: int, padding: int, *,
-                     impl: str | None = None) -> jax.Array:
+def depthwise_conv2d(
+    x: jax.Array, kernel: jax.Array, stride: int, padding: int, *, impl: str | None = None
+) -> jax.Array:
     """y[b, i, j, c] = sum_{u, v} xpad[b, i*s + u, j*s + v, c] * kernel[u, v, 0, c].
 
     Args:
@@ -85,14 +87,16 @@ def depthwise_conv2d(x: jax.Array, kernel: jax.Array, stride: int, padding: int,
         raise ValueError(f"depthwise implementation must be one of {IMPLS}, got {choice!r}")
     k, k2, one, c = kernel.shape
     if k != k2 or one != 1 or c != x.shape[-1] or x.ndim != 4:
-        raise ValueError(f"expected x [N, H, W, C] and kernel [K, K, 1, C], got {x.shape} "
-                         f"and {kernel.shape}")
+        raise ValueError(
+            f"expected x [N, H, W, C] and kernel [K, K, 1, C], got {x.shape} and {kernel.shape}"
+        )
     stride, padding = int(stride), int(padding)
     if choice == "lax":
         return depthwise_conv2d_lax(x, kernel, stride, padding)
     cpu = _cpu_impl(choice, k)
     return lax.platform_dependent(
-        x, kernel,
+        x,
+        kernel,
         cpu=partial(cpu, stride=stride, padding=padding),
         default=partial(depthwise_conv2d_lax, stride=stride, padding=padding),
     )

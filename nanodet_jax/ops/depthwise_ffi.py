@@ -90,11 +90,19 @@ def _cache_dir() -> Path:
 def _build(cxx: str, arch: tuple[str, ...]) -> Path:
     """Compile the kernels (once per source/compiler/flags/jaxlib/CPU); return the .so path."""
     flags = (*_FLAGS, *arch)
-    version = subprocess.run([cxx, "--version"], capture_output=True, text=True,
-                             timeout=60).stdout
+    version = subprocess.run([cxx, "--version"], capture_output=True, text=True, timeout=60).stdout
     key = hashlib.sha256(
-        b"\0".join(s.encode() for s in (
-            _SRC.read_text(), cxx, version, " ".join(flags), jaxlib.__version__, _cpu_id()))
+        b"\0".join(
+            s.encode()
+            for s in (
+                _SRC.read_text(),
+                cxx,
+                version,
+                " ".join(flags),
+                jaxlib.__version__,
+                _cpu_id(),
+            )
+        )
     ).hexdigest()[:20]
     cache = _cache_dir()
     lib = cache / f"depthwise-{key}.so"
@@ -154,16 +162,21 @@ def load() -> bool:
             _state["lib"] = lib  # keep the library mapped for the life of the process
             _state["ok"] = True
         except Exception as e:  # noqa: BLE001 - any failure means "use the fallback"
-            logger.warning("nanodet_jax: depthwise FFI kernel unavailable, using the pure-XLA "
-                           "fallback (slower): %s", e)
+            logger.warning(
+                "nanodet_jax: depthwise FFI kernel unavailable, using the pure-XLA "
+                "fallback (slower): %s",
+                e,
+            )
         return _state["ok"]
 
 
 def _raw(target: str) -> RawOp:
-    def call(a: jax.Array, b: jax.Array, out_shape: tuple[int, ...], stride: int,
-             padding: int) -> jax.Array:
-        ffi = jax.ffi.ffi_call(target, jax.ShapeDtypeStruct(out_shape, jnp.float32),
-                               vmap_method="sequential")
+    def call(
+        a: jax.Array, b: jax.Array, out_shape: tuple[int, ...], stride: int, padding: int
+    ) -> jax.Array:
+        ffi = jax.ffi.ffi_call(
+            target, jax.ShapeDtypeStruct(out_shape, jnp.float32), vmap_method="sequential"
+        )
         return ffi(a, b, stride=np.int64(stride), padding=np.int64(padding))
 
     return call
@@ -182,8 +195,9 @@ def forward(x: jax.Array, w: jax.Array, stride: int, padding: int) -> jax.Array:
     return batchable(_fwd_op, shape, stride, padding, fold=True)(x, w)
 
 
-def input_grad(g: jax.Array, w: jax.Array, stride: int, padding: int,
-               in_hw: tuple[int, int]) -> jax.Array:
+def input_grad(
+    g: jax.Array, w: jax.Array, stride: int, padding: int, in_hw: tuple[int, int]
+) -> jax.Array:
     shape = (g.shape[0], *in_hw, g.shape[3])
     return batchable(_dx_op, shape, stride, padding, fold=True)(g, w)
 
@@ -198,13 +212,15 @@ def _depthwise_f32(x: jax.Array, kernel: jax.Array, stride: int, padding: int) -
     return forward(x, kernel, stride, padding)
 
 
-def _vjp_fwd(x: jax.Array, kernel: jax.Array, stride: int,
-             padding: int) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+def _vjp_fwd(
+    x: jax.Array, kernel: jax.Array, stride: int, padding: int
+) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
     return forward(x, kernel, stride, padding), (x, kernel)
 
 
-def _vjp_bwd(stride: int, padding: int, res: tuple[jax.Array, jax.Array],
-             g: jax.Array) -> tuple[jax.Array, jax.Array]:
+def _vjp_bwd(
+    stride: int, padding: int, res: tuple[jax.Array, jax.Array], g: jax.Array
+) -> tuple[jax.Array, jax.Array]:
     x, kernel = res
     dx = input_grad(g, kernel, stride, padding, (x.shape[1], x.shape[2]))
     return dx, weight_grad(x, g, kernel.shape[0], stride, padding)
@@ -213,8 +229,7 @@ def _vjp_bwd(stride: int, padding: int, res: tuple[jax.Array, jax.Array],
 _depthwise_f32.defvjp(_vjp_fwd, _vjp_bwd)
 
 
-def depthwise_conv2d_ffi(x: jax.Array, kernel: jax.Array, stride: int,
-                         padding: int) -> jax.Array:
+def depthwise_conv2d_ffi(x: jax.Array, kernel: jax.Array, stride: int, padding: int) -> jax.Array:
     """Depthwise conv through the C++ kernels; call :func:`load` first (CPU only)."""
     y = _depthwise_f32(x.astype(jnp.float32), kernel.astype(jnp.float32), stride, padding)
     return y.astype(x.dtype)

@@ -39,8 +39,7 @@ def out_size(n: int, k: int, stride: int, padding: int) -> int:
     return (n + 2 * padding - k) // stride + 1
 
 
-def _shift_add(src: jax.Array, w: jax.Array, stride: int, out_h: int,
-               out_w: int) -> jax.Array:
+def _shift_add(src: jax.Array, w: jax.Array, stride: int, out_h: int, out_w: int) -> jax.Array:
     """sum_{u,v} src[:, u + s*i, v + s*j, :] * w[u, v, :] for i < out_h, j < out_w.
 
     ``src`` is already padded; ``w`` is [K, K, C]. A single fusion: every slice is read
@@ -69,8 +68,9 @@ def _forward(x: jax.Array, w: jax.Array, stride: int, padding: int) -> jax.Array
     _, h, wd, _ = x.shape
     k = w.shape[0]
     xp = _pad_hw(x, padding, padding, padding, padding)
-    return _shift_add(xp, w, stride, out_size(h, k, stride, padding),
-                      out_size(wd, k, stride, padding))
+    return _shift_add(
+        xp, w, stride, out_size(h, k, stride, padding), out_size(wd, k, stride, padding)
+    )
 
 
 def _input_grad_1d_taps(k: int, stride: int, padding: int, phase: int) -> list[tuple[int, int]]:
@@ -83,8 +83,9 @@ def _input_grad_1d_taps(k: int, stride: int, padding: int, phase: int) -> list[t
     return taps
 
 
-def _input_grad(g: jax.Array, w: jax.Array, stride: int, padding: int,
-                in_hw: tuple[int, int]) -> jax.Array:
+def _input_grad(
+    g: jax.Array, w: jax.Array, stride: int, padding: int, in_hw: tuple[int, int]
+) -> jax.Array:
     n, ho, wo, c = g.shape
     h, wd = in_hw
     k = w.shape[0]
@@ -114,8 +115,9 @@ def _input_grad(g: jax.Array, w: jax.Array, stride: int, padding: int,
             acc = jnp.zeros((n, ha, wa, c), g.dtype)
             for u, dh in th:
                 for v, dw in tw:
-                    win = lax.slice(gp, (0, lo_h + dh, lo_w + dw, 0),
-                                    (n, lo_h + dh + ha, lo_w + dw + wa, c))
+                    win = lax.slice(
+                        gp, (0, lo_h + dh, lo_w + dw, 0), (n, lo_h + dh + ha, lo_w + dw + wa, c)
+                    )
                     acc = acc + win * w[u, v]
             cols.append(acc)
         rows.append(jnp.stack(cols, axis=3))  # [N, ha, wa, s, C]
@@ -123,8 +125,9 @@ def _input_grad(g: jax.Array, w: jax.Array, stride: int, padding: int,
     return full[:, :h, :wd]
 
 
-def _weight_grad_local(x: jax.Array, g: jax.Array, out_shape: tuple[int, ...], stride: int,
-                       padding: int) -> jax.Array:
+def _weight_grad_local(
+    x: jax.Array, g: jax.Array, out_shape: tuple[int, ...], stride: int, padding: int
+) -> jax.Array:
     """dw[u, v, c] = sum_{b,i,j} xpad[b, i*s + u, j*s + v, c] * g[b, i, j, c]."""
     k = out_shape[0]
     _, ho, wo, c = g.shape
@@ -184,8 +187,9 @@ def batch_parallel(raw: RawOp, reduce_batch: bool) -> RawOp:
     """
     op = custom_partitioning(raw, static_argnums=(2, 3, 4))
 
-    def specs(mesh: Any, arg_shapes: Any) -> tuple[Any, NamedSharding, NamedSharding,
-                                                   NamedSharding]:
+    def specs(
+        mesh: Any, arg_shapes: Any
+    ) -> tuple[Any, NamedSharding, NamedSharding, NamedSharding]:
         """(batch axes, sharding of a, of b, of the output) from the sharding of ``a``."""
         bat, ch = _batch_channel(arg_shapes[0].sharding, 4)
         nhwc = _named(mesh, bat, None, None, ch)
@@ -194,8 +198,9 @@ def batch_parallel(raw: RawOp, reduce_batch: bool) -> RawOp:
             return bat, nhwc, nhwc, kernel
         return bat, nhwc, kernel, nhwc
 
-    def partition(out_shape: Any, stride: int, padding: int, mesh: Any, arg_shapes: Any,
-                  result_shape: Any) -> Any:
+    def partition(
+        out_shape: Any, stride: int, padding: int, mesh: Any, arg_shapes: Any, result_shape: Any
+    ) -> Any:
         mesh = _mesh_of(mesh, arg_shapes)
         bat, in_a, in_b, out = specs(mesh, arg_shapes)
 
@@ -212,18 +217,23 @@ def batch_parallel(raw: RawOp, reduce_batch: bool) -> RawOp:
 
         return mesh, lower, out, (in_a, in_b)
 
-    def infer(out_shape: Any, stride: int, padding: int, mesh: Any, arg_shapes: Any,
-              result_shape: Any) -> NamedSharding:
+    def infer(
+        out_shape: Any, stride: int, padding: int, mesh: Any, arg_shapes: Any, result_shape: Any
+    ) -> NamedSharding:
         return specs(_mesh_of(mesh, arg_shapes), arg_shapes)[3]
 
-    rule = ("b h w c, b y z c -> u v i c" if reduce_batch else "b h w c, u v i c -> b y z c")
+    rule = "b h w c, b y z c -> u v i c" if reduce_batch else "b h w c, u v i c -> b y z c"
     # Spatial and kernel dims must not be sharded. Shardy wants these factors listed in
     # order of first appearance in the rule.
     factors = list(dict.fromkeys(rule.replace(",", " ").replace("->", " ").split()))
     replicated = tuple(f for f in factors if f not in ("b", "c"))
-    op.def_partition(partition=partition, infer_sharding_from_operands=infer,
-                     sharding_rule=rule, need_replication_factors=replicated,
-                     reduction_factors=("b",) if reduce_batch else ())
+    op.def_partition(
+        partition=partition,
+        infer_sharding_from_operands=infer,
+        sharding_rule=rule,
+        need_replication_factors=replicated,
+        reduction_factors=("b",) if reduce_batch else (),
+    )
     return op
 
 
@@ -231,8 +241,9 @@ def batch_parallel(raw: RawOp, reduce_batch: bool) -> RawOp:
 # Batching: custom_partitioning has no vmap rule, so give each op one.
 
 
-def batchable(op: RawOp, out_shape: tuple[int, ...], stride: int, padding: int,
-              fold: bool) -> Callable[[jax.Array, jax.Array], jax.Array]:
+def batchable(
+    op: RawOp, out_shape: tuple[int, ...], stride: int, padding: int, fold: bool
+) -> Callable[[jax.Array, jax.Array], jax.Array]:
     """``op`` as a custom_vmap function of its two array operands.
 
     ``fold``: when only the first (NHWC) operand is batched, the vmapped axis can be
@@ -244,14 +255,16 @@ def batchable(op: RawOp, out_shape: tuple[int, ...], stride: int, padding: int,
         return op(a, b, out_shape, stride, padding)
 
     @f.def_vmap
-    def rule(axis_size: int, in_batched: list[bool], a: jax.Array,
-             b: jax.Array) -> tuple[jax.Array, bool]:
+    def rule(
+        axis_size: int, in_batched: list[bool], a: jax.Array, b: jax.Array
+    ) -> tuple[jax.Array, bool]:
         a_b, b_b = in_batched
         if fold and a_b and not b_b:
             n = a.shape[1]
             merged = (axis_size * n, *out_shape[1:])
             y = batchable(op, merged, stride, padding, fold)(
-                a.reshape(axis_size * n, *a.shape[2:]), b)
+                a.reshape(axis_size * n, *a.shape[2:]), b
+            )
             return y.reshape(axis_size, n, *out_shape[1:]), True
         a = a if a_b else jnp.broadcast_to(a, (axis_size, *a.shape))
         b = b if b_b else jnp.broadcast_to(b, (axis_size, *b.shape))
@@ -274,13 +287,15 @@ def _depthwise_f32(x: jax.Array, kernel: jax.Array, stride: int, padding: int) -
     return _forward(x, kernel[:, :, 0, :], stride, padding)
 
 
-def _vjp_fwd(x: jax.Array, kernel: jax.Array, stride: int,
-             padding: int) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+def _vjp_fwd(
+    x: jax.Array, kernel: jax.Array, stride: int, padding: int
+) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
     return _depthwise_f32(x, kernel, stride, padding), (x, kernel)
 
 
-def _vjp_bwd(stride: int, padding: int, res: tuple[jax.Array, jax.Array],
-             g: jax.Array) -> tuple[jax.Array, jax.Array]:
+def _vjp_bwd(
+    stride: int, padding: int, res: tuple[jax.Array, jax.Array], g: jax.Array
+) -> tuple[jax.Array, jax.Array]:
     x, kernel = res
     k = kernel.shape[0]
     dx = _input_grad(g, kernel[:, :, 0, :], stride, padding, (x.shape[1], x.shape[2]))
@@ -291,8 +306,7 @@ def _vjp_bwd(stride: int, padding: int, res: tuple[jax.Array, jax.Array],
 _depthwise_f32.defvjp(_vjp_fwd, _vjp_bwd)
 
 
-def depthwise_conv2d_xla(x: jax.Array, kernel: jax.Array, stride: int,
-                         padding: int) -> jax.Array:
+def depthwise_conv2d_xla(x: jax.Array, kernel: jax.Array, stride: int, padding: int) -> jax.Array:
     """Shift-add depthwise conv with hand-written gradients (NHWC, kernel [K, K, 1, C])."""
     y = _depthwise_f32(x.astype(jnp.float32), kernel.astype(jnp.float32), stride, padding)
     return y.astype(x.dtype)

@@ -1,0 +1,107 @@
+"""Inference speed of NanoDet-Plus-m (320 and 416): ours vs the PyTorch reference, same run.
+
+    python benchmarks/infer.py --nanodet /path/to/nanodet [--repeats 20] [--json out.json]
+
+Rows per input size:
+* ``forward``: the model on normalised float32 NHWC input (raw head output), jitted;
+* ``end to end``: uint8 images -> normalisation -> model -> decode -> NMS (what
+  ``Predictor`` runs on the device; host-side JPEG decoding and resizing excluded);
+* ``torch eager``: NanoDet's model in eval mode under ``torch.no_grad()``, NCHW;
+* ``torch channels_last``: the same with channels-last memory format (often faster on CPU).
+Batch 1 reports latency (ms, median of repeats after warm-up); batch 16 reports
+throughput (images/s). ``speed-up`` is torch eager time / our time on the same row.
+Weights are random (speed does not depend on them).
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import jax
+import numpy as np
+from common import (
+    load_reference_or_none,
+    machine_summary,
+    markdown_table,
+    median_seconds,
+    write_json,
+)
+from flax import nnx
+
+from nanodet_jax.config_utils import load_config
+from nanodet_jax.model import build_model
+from nanodet_jax.predictor import Predictor
+
+CONFIGS = {320: "configs/nanodet_plus_m.py", 416: "configs/nanodet_plus_m_416.py"}
+
+
+def ours(config, batch: int, repeats: int) -> dict[str, float]:
+    model = build_model(config, with_aux=False)
+    graphdef, state = nnx.split(model)
+    size = config.data.val.input_size[0]
+    forward = jax.jit(lambda st, x: nnx.merge(graphdef, st)(x))
+    x = jax.device_put(np.random.default_rng(0).normal(size=(batch, size, size, 3)).astype("f4"))
+    t_fwd = median_seconds(lambda: forward(state, x).block_until_ready(), repeats)
+
+    predictor = Predictor(model, config)
+    u8 = np.random.default_rng(1).integers(0, 256, (batch, size, size, 3), dtype=np.uint8)
+    valid = np.full((batch, 2), size, np.int32)
+    u8, valid = jax.device_put(u8), jax.device_put(valid)
+    t_e2e = median_seconds(
+        lambda: jax.block_until_ready(predictor._forward(predictor.state, u8, valid)), repeats
+    )
+    return {"forward": t_fwd, "end to end": t_e2e}
+
+
+def torch_times(ref, config, batch: int, repeats: int) -> dict[str, float]:
+    import torch
+
+    model = ref.build_model(config.model.arch.to_dict())
+    del model.aux_fpn, model.aux_head  # inference model only
+    model.eval()
+    size = config.data.val.input_size[0]
+    x = torch.from_numpy(np.random.default_rng(0).normal(size=(batch, 3, size, size)).astype("f4"))
+    out = {}
+    with torch.no_grad():
+        out["torch eager"] = median_seconds(lambda: model(x), repeats)
+        model_cl = model.to(memory_format=torch.channels_last)
+        x_cl = x.contiguous(memory_format=torch.channels_last)
+        out["torch channels_last"] = median_seconds(lambda: model_cl(x_cl), repeats)
+    return out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--nanodet", help="path of a RangiLyu/nanodet checkout (torch rows)")
+    p.add_argument("--repeats", type=int, default=20)
+    p.add_argument("--sizes", type=int, nargs="+", default=[320, 416])
+    p.add_argument("--json", help="also write the results here")
+    args = p.parse_args()
+    ref = load_reference_or_none(args.nanodet)
+    if ref is not None:
+        import torch
+
+        print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+    print(machine_summary())
+
+    rows, results = [], {}
+    for size in args.sizes:
+        config = load_config(CONFIGS[size])
+        for batch in (1, 16):
+            reps = args.repeats if batch == 1 else max(3, args.repeats // 4)
+            times = ours(config, batch, reps)
+            if ref is not None:
+                times |= torch_times(ref, config, batch, reps)
+            results[f"{size}/b{batch}"] = times
+            base = times.get("torch eager")
+            for name, t in times.items():
+                value = f"{t * 1e3:.1f} ms" if batch == 1 else f"{batch / t:.1f} img/s"
+                speedup = f"{base / t:.2f}x" if base else "-"
+                rows.append([f"m-{size}", batch, name, value, speedup])
+    print(markdown_table(["model", "batch", "implementation", "latency / throughput",
+                          "speed-up vs torch eager"], rows))  # fmt: skip
+    write_json(args.json, {"machine": machine_summary(), "seconds": results})
+
+
+if __name__ == "__main__":
+    main()
