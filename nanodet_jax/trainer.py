@@ -148,7 +148,7 @@ def make_train_step(
         params = optax.apply_updates(state.params, updates)
         step = state.step + 1
         ema = update_ema(state.ema, nnx.merge_state(params, model_state), step, decay)
-        metrics = {"loss": loss, **terms, "grad_norm": optax.global_norm(grads)}
+        metrics = {"loss": loss, **terms, "grad_norm": optax.tree.norm(grads)}
         if lr_fn is not None:
             metrics["lr"] = lr_fn(state.step)
         new_state = TrainState(step, params, model_state, opt_state, ema)
