@@ -1,0 +1,209 @@
+"""Training-step speed of NanoDet-Plus-m (320, 80 classes): ours vs the PyTorch reference.
+
+    python benchmarks/train_step.py --nanodet /path/to/nanodet [--batches 8 16 32] [--json out]
+
+Reports, in one run:
+* images/s of our full jitted step (colour augmentation, backbone, both PANs and heads,
+  assigner, losses, gradients, clipping, AdamW, EMA) and of the reference's
+  ``forward_train`` + ``loss.backward()`` + clipping + AdamW (NCHW and channels_last),
+  with the ratio ours / reference;
+* the first step's compile time;
+* the assigner's share of our step (the jitted assigner alone, same inputs);
+* the input pipeline's images/s (decode + warp + batch; ``--data`` COCO folder, else a
+  generated synthetic dataset).
+Each figure is the median of ``--repeats`` timed runs after a warm-up.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import tempfile
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from common import (
+    load_reference_or_none,
+    machine_summary,
+    markdown_table,
+    median_seconds,
+    write_json,
+)
+
+from nanodet_jax import trainer
+from nanodet_jax.assigner import assign
+from nanodet_jax.box_ops import center_priors, distance2bbox, distribution_to_distance
+from nanodet_jax.config_utils import load_config
+from nanodet_jax.model import build_model
+from nanodet_jax.optim import build_optimizer
+
+SIZE = 320
+NUM_BOXES, SLOTS = 8, 32  # real boxes per image, padded slots
+
+
+def random_targets(batch: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    xy = rng.uniform(0, SIZE / 2, (batch, NUM_BOXES, 2))
+    wh = rng.uniform(16, SIZE / 2, (batch, NUM_BOXES, 2))
+    return np.concatenate([xy, xy + wh], -1).astype(np.float32), rng.integers(
+        0, 80, (batch, NUM_BOXES)
+    )
+
+
+def our_step(config, batch: int, repeats: int) -> dict[str, float]:
+    model = build_model(config)
+    tx = build_optimizer(config, 1000)
+    graphdef, state = trainer.create_train_state(model, tx)
+    boxes, labels = random_targets(batch)
+    gt_boxes = np.zeros((batch, SLOTS, 4), np.float32)
+    gt_labels = np.zeros((batch, SLOTS), np.int32)
+    gt_boxes[:, :NUM_BOXES], gt_labels[:, :NUM_BOXES] = boxes, labels
+    rng = np.random.default_rng(1)
+    data = {
+        "images": rng.integers(0, 256, (batch, SIZE, SIZE, 3), dtype=np.uint8),
+        "color": np.tile(np.array([0.05, 1.1, 1.0, 0.0], np.float32), (batch, 1)),
+        "gt_boxes": gt_boxes,
+        "gt_labels": gt_labels,
+        "gt_mask": np.arange(SLOTS)[None].repeat(batch, 0) < NUM_BOXES,
+    }
+    data = jax.device_put(data)
+    step = jax.jit(
+        trainer.make_train_step(graphdef, tx, config, detach_aux=False), donate_argnums=0
+    )
+    start = time.perf_counter()
+    state, metrics = step(state, data)
+    jax.block_until_ready(metrics)
+    compile_s = time.perf_counter() - start
+
+    def run():
+        nonlocal state
+        state, m = step(state, data)
+        jax.block_until_ready(m)
+
+    step_s = median_seconds(run, repeats, warmup=1)
+
+    # The assigner alone on the same shapes (aux-head-like random predictions).
+    num_classes, reg_max = 80, 7
+    priors = center_priors((SIZE, SIZE), (8, 16, 32, 64))
+    raw = jnp.asarray(rng.normal(size=(batch, len(priors), num_classes + 32)).astype(np.float32))
+    pr = jnp.asarray(priors)
+    decoded = distance2bbox(
+        pr[:, :2], distribution_to_distance(raw[..., num_classes:], reg_max) * pr[:, 2:3]
+    )
+
+    def assign_only(logits, boxes, gt_boxes, gt_labels, gt_mask):
+        return assign(logits[..., :num_classes], priors, boxes, gt_boxes, gt_labels, gt_mask,
+                      num_classes, reg_max)  # fmt: skip
+
+    fn = jax.jit(assign_only)
+    args = (raw, decoded, data["gt_boxes"], data["gt_labels"], data["gt_mask"])
+    assign_s = median_seconds(lambda: jax.block_until_ready(fn(*args)), repeats)
+    return {"step": step_s, "compile": compile_s, "assigner": assign_s}
+
+
+def torch_step(ref, config, batch: int, repeats: int) -> dict[str, float]:
+    import torch
+
+    out = {}
+    for layout in ("NCHW", "channels_last"):
+        model = ref.build_model(config.model.arch.to_dict())
+        model.train()
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.05)
+        rng = np.random.default_rng(0)
+        img = torch.from_numpy(rng.normal(size=(batch, 3, SIZE, SIZE)).astype(np.float32))
+        if layout == "channels_last":
+            model = model.to(memory_format=torch.channels_last)
+            img = img.contiguous(memory_format=torch.channels_last)
+        boxes, labels = random_targets(batch)
+        meta = {"img": img, "gt_bboxes": list(boxes), "gt_labels": list(labels),
+                "gt_bboxes_ignore": None}  # fmt: skip
+
+        ema = ref.module("nanodet.model.weight_averager.ema").ExpMovingAverager(0.9998)
+        ema.load_from(model)
+
+        def run(model=model, meta=meta, opt=opt, ema=ema):
+            _, loss, _ = model.forward_train(meta)
+            opt.zero_grad()
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), float(config.grad_clip))
+            opt.step()
+            ema.update(model, 1000)  # NanoDet's EMA update runs every step too
+
+        out[f"torch {layout}"] = median_seconds(run, repeats, warmup=1)
+    return out
+
+
+def pipeline_rate(config, data_dir: str | None, batch: int) -> float:
+    from nanodet_jax.data.coco import CocoDetection
+    from nanodet_jax.data.pipeline import train_loader_from_config
+
+    if data_dir:
+        ds = CocoDetection(os.path.join(data_dir, "annotations", "instances_train2017.json"),
+                           os.path.join(data_dir, "train2017"))  # fmt: skip
+    else:
+        from nanodet_jax.data.synthetic import write_dataset
+
+        out = tempfile.mkdtemp()
+        write_dataset(out, 128, 8, SIZE, 0)
+        ds = CocoDetection(os.path.join(out, "annotations", "instances_train.json"),
+                           os.path.join(out, "train"))  # fmt: skip
+    loader = train_loader_from_config(ds.records, config, batch)
+    it = loader(0, 0, num_epochs=3)
+    next(it)  # threads started
+    start, images = time.perf_counter(), 0
+    for _, _, b in it:
+        images += len(b["images"])
+    return images / (time.perf_counter() - start)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--nanodet", help="path of a RangiLyu/nanodet checkout (torch rows)")
+    p.add_argument("--batches", type=int, nargs="+", default=[8, 16, 32])
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument(
+        "--data", help="COCO folder for the pipeline rate (e.g. ../shared/data/coco_tiny)"
+    )
+    p.add_argument("--json")
+    args = p.parse_args()
+    ref = load_reference_or_none(args.nanodet)
+    print(machine_summary())
+    config = load_config(
+        os.path.join(os.path.dirname(__file__), "..", "configs", "nanodet_plus_m.py")
+    )
+    rows, results = [], {}
+    for batch in args.batches:
+        ours = our_step(config, batch, args.repeats)
+        theirs = torch_step(ref, config, batch, args.repeats) if ref else {}
+        results[batch] = {**ours, **theirs}
+        row = [
+            batch,
+            f"{batch / ours['step']:.2f}",
+            f"{ours['compile']:.0f} s",
+            f"{100 * ours['assigner'] / ours['step']:.1f}% ({ours['assigner'] * 1e3:.0f} ms)",
+        ]
+        for name in ("torch NCHW", "torch channels_last"):
+            t = theirs.get(name)
+            row += [f"{batch / t:.2f} ({t / ours['step']:.2f}x)" if t else "-"]
+        rows.append(row)  # fmt: skip
+    header = [
+        "batch",
+        "ours img/s",
+        "first-step compile",
+        "assigner share",
+        "torch NCHW img/s (ours/torch)",
+        "torch channels_last img/s (ours/torch)",
+    ]
+    print(markdown_table(header, rows))  # fmt: skip
+    rate = pipeline_rate(config, args.data, 16)
+    print(f"input pipeline: {rate:.0f} images/s (decode + warp + batch, 320, "
+          f"{config.device.workers} threads)")  # fmt: skip
+    write_json(
+        args.json, {"machine": machine_summary(), "seconds": results, "pipeline_img_s": rate}
+    )
+
+
+if __name__ == "__main__":
+    main()
