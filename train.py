@@ -63,6 +63,16 @@ def check_classes(config, dataset: CocoDetection) -> None:
         )
 
 
+def make_synthetic_data(spec) -> None:
+    """Write the generated dataset a config asks for (configs/quickstart.py) once."""
+    from nanodet_jax.data.synthetic import write_dataset
+
+    if distributed.is_main_process():
+        log.info(f"writing the synthetic dataset to {spec.out_dir} ...")
+        write_dataset(spec.out_dir, spec.num_train, spec.num_val, spec.size, spec.seed)
+    distributed.barrier("synthetic data")
+
+
 def init_weights(model, source: str) -> None:
     """Fine-tuning start point: NanoDet .pth/.ckpt or one of our checkpoint directories."""
     if os.path.isdir(source):
@@ -102,6 +112,8 @@ def main(argv=None) -> None:
     config = load_config(args.config, overrides)
     workdir = os.path.abspath(args.workdir or os.path.join("workdir", config.name))
 
+    if config.data.get("synthetic") and not os.path.isfile(config.data.train.ann_file):
+        make_synthetic_data(config.data.synthetic)
     train_set = CocoDetection(config.data.train.ann_file, config.data.train.img_dir)
     val_set = CocoDetection(config.data.val.ann_file, config.data.val.img_dir)
     check_classes(config, train_set)
@@ -188,7 +200,7 @@ def main(argv=None) -> None:
                 best_map = stats["AP"]
                 checkpoint.save_weights(
                     os.path.join(workdir, "best"), trainer.merge_for_eval(graphdef, state.ema),
-                    config, step=done,
+                    config, step=done, keep=1,
                 )  # fmt: skip
         if done >= total_steps:
             break

@@ -59,10 +59,15 @@ def manager(
 
 
 def save_weights(
-    directory: str | os.PathLike, model: nnx.Module, config: Any, step: int = 0
+    directory: str | os.PathLike,
+    model: nnx.Module,
+    config: Any,
+    step: int = 0,
+    keep: int | None = None,
 ) -> None:
-    """Write ``model``'s weights as step ``step`` of an orbax checkpoint directory."""
-    mngr = manager(directory)
+    """Write ``model``'s weights as step ``step`` of an orbax checkpoint directory
+    (keeping the newest ``keep`` steps; all by default)."""
+    mngr = manager(directory, max_to_keep=keep)
     state = nnx.to_pure_dict(nnx.state(model))
     mngr.save(
         step,
