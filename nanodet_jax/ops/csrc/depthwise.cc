@@ -516,14 +516,12 @@ void WeightGrad(ffi::ThreadPool* pool, const float* x, const float* g, float* dw
   const int workers = NumWorkers(pool);
   const int64_t rows = N * Ho;
   const int64_t nchunks = NumChunks(rows, Wo * C * K * K, workers);
-  // One accumulator per worker (ids < workers); worker 0 accumulates into the output.
+  // One accumulator per *chunk* (chunk 0 accumulates into the output), summed in chunk
+  // order: which thread runs a chunk varies from call to call, the result must not.
   std::fill(dw, dw + kkc, 0.0f);
-  const int slots = static_cast<int>(std::min<int64_t>(workers, nchunks));
-  std::vector<float> priv(static_cast<size_t>(std::max(slots - 1, 0) * kkc), 0.0f);
-  std::vector<char> used(slots, 0);
-  ParallelFor(pool, workers, nchunks, [&](int wid, int64_t chunk) {
-    float* acc = wid == 0 ? dw : priv.data() + (wid - 1) * kkc;
-    used[wid] = 1;
+  std::vector<float> priv(static_cast<size_t>((nchunks - 1) * kkc), 0.0f);
+  ParallelFor(pool, workers, nchunks, [&](int, int64_t chunk) {
+    float* acc = chunk == 0 ? dw : priv.data() + (chunk - 1) * kkc;
     std::vector<const float*> table(plan.table_size);
     for (int64_t br = rows * chunk / nchunks; br < rows * (chunk + 1) / nchunks; ++br) {
       const int64_t b = br / Ho, i = br % Ho;
@@ -545,9 +543,8 @@ void WeightGrad(ffi::ThreadPool* pool, const float* x, const float* g, float* dw
       }
     }
   });
-  for (int s = 1; s < slots; ++s) {
-    if (!used[s]) continue;
-    const float* p = priv.data() + (s - 1) * kkc;
+  for (int64_t c = 1; c < nchunks; ++c) {
+    const float* p = priv.data() + (c - 1) * kkc;
     for (int64_t i = 0; i < kkc; ++i) dw[i] += p[i];
   }
 }
