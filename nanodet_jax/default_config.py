@@ -219,6 +219,9 @@ def nanodet_plus_config(
     c.grad_clip = 35.0
     # Fine-tuning start point: a NanoDet .pth / .ckpt or an orbax checkpoint directory.
     c.init_from = ""
+    # Re-estimate BatchNorm statistics on this many training images after loading
+    # init_from (function-preserving; needed for BN-folded weights, e.g. from ncnn).
+    c.init_bn_recalibration_images = 0
     c.checkpoint = {"every_steps": 1000, "keep": 3}
     c.evaluator = {"name": "CocoDetectionEvaluator", "save_key": "mAP"}
     c.log = {"interval": 50}

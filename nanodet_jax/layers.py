@@ -194,6 +194,7 @@ class BatchNorm2d(nnx.Module):
         self.eps = eps
         self.momentum = momentum
         self.use_running_average = False
+        self.record_input_stats = False  # see bn_recalibration.py
         self.weight = nnx.Param(jnp.ones((num_features,), jnp.float32))
         self.bias = nnx.Param(jnp.zeros((num_features,), jnp.float32))
         self.running_mean = nnx.BatchStat(jnp.zeros((num_features,), jnp.float32))
@@ -203,6 +204,11 @@ class BatchNorm2d(nnx.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         if self.use_running_average:
             mean, var = self.running_mean[...], self.running_var[...]
+            if self.record_input_stats:
+                xf = x.astype(jnp.float32)
+                batch_mean = jnp.mean(xf, axis=(0, 1, 2))
+                second = jnp.mean(jnp.square(xf), axis=(0, 1, 2))
+                self.input_stats = nnx.Intermediate(jnp.stack([batch_mean, second]))
         else:
             xf = x.astype(jnp.float32)
             mean = jnp.mean(xf, axis=(0, 1, 2))
