@@ -17,7 +17,7 @@ import os
 import sys
 import time
 
-from nanodet_jax import cli, evaluation
+from nanodet_jax import cli, evaluation, runtime
 from nanodet_jax.config_utils import load_config
 from nanodet_jax.data.coco import CocoDetection
 from nanodet_jax.model import build_model
@@ -39,6 +39,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[
 def main(argv: list[str] | None = None) -> dict:
     args, overrides = parse_args(argv)
     cli.setup_logging()
+    runtime.enable_compilation_cache()
     config = load_config(args.config, overrides)
     val = config.data.val
     dataset = CocoDetection(val.ann_file, val.img_dir)

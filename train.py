@@ -24,15 +24,19 @@ import os
 import time
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 
-from nanodet_jax import checkpoint, cli, distributed, evaluation, trainer
+from nanodet_jax import checkpoint, cli, distributed, evaluation, runtime, trainer, transforms
+from nanodet_jax.bn_recalibration import recalibrate_batchnorm
 from nanodet_jax.config_utils import load_config
 from nanodet_jax.convert import load_torch_weights
-from nanodet_jax.data.coco import CocoDetection
+from nanodet_jax.data.coco import CocoDetection, read_image
 from nanodet_jax.data.pipeline import train_loader_from_config
 from nanodet_jax.model import build_model
 from nanodet_jax.optim import build_optimizer, lr_schedule
 from nanodet_jax.predictor import Predictor
+from nanodet_jax.testing import array_digest
 from nanodet_jax.training_log import TrainingLog
 
 log = logging.getLogger("nanodet_jax")
@@ -48,6 +52,11 @@ def parse_args(argv=None):
     p.add_argument("--num_processes", type=int)
     p.add_argument("--process_id", type=int)
     p.add_argument("--max_steps", type=int, help="stop after this global step (testing)")
+    p.add_argument(
+        "--log_samples",
+        action="store_true",
+        help="write the image ids of every step to workdir/samples_p<process>.jsonl",
+    )
     return p.parse_known_args(argv)
 
 
@@ -61,6 +70,13 @@ def check_classes(config, dataset: CocoDetection) -> None:
             f"--config.model.arch.aux_head.num_classes={len(dataset.class_names)} and "
             "--config.class_names"
         )
+
+
+def record_samples(workdir: str, step: int, epoch: int, image_ids: np.ndarray) -> None:
+    """Which images this process trained on at a step (``--log_samples``)."""
+    path = os.path.join(workdir, f"samples_p{jax.process_index()}.jsonl")
+    with open(path, "a") as f:
+        f.write(json.dumps({"step": step, "epoch": epoch, "image_ids": image_ids.tolist()}) + "\n")
 
 
 def make_synthetic_data(spec) -> None:
@@ -90,10 +106,27 @@ def init_weights(model, source: str) -> None:
         )
 
 
+def recalibrate_bn(model, config, dataset: CocoDetection, num_images: int) -> None:
+    """BatchNorm statistics re-estimated on the first training images (resized as for
+    validation), keeping the network's function; see bn_recalibration.py."""
+    predictor = Predictor(model, config)  # only for its preprocessing
+    mean, std = config.data.val.pipeline.normalize
+    records = dataset.records[:num_images]
+    batches = []
+    for i in range(0, len(records), 16):
+        canvases = np.stack([
+            predictor.prepare(read_image(r.path)).canvas for r in records[i : i + 16]
+        ])  # fmt: skip
+        batches.append(transforms.normalize(jnp.asarray(canvases), mean, std))
+    recalibrate_batchnorm(model, batches)
+
+
 def evaluate(graphdef, state, config, val: CocoDetection, epoch: int) -> dict:
-    """COCO mAP of the EMA weights on the val set."""
-    predictor = Predictor(trainer.merge_for_eval(graphdef, state.ema), config)
-    results = evaluation.predict_dataset(
+    """COCO mAP of the EMA weights on the val set, the images split over processes."""
+    # A process-local copy of the replicated EMA weights: prediction runs on local devices.
+    local_ema = jax.tree.map(lambda a: np.asarray(a.addressable_data(0)), state.ema)
+    predictor = Predictor(trainer.merge_for_eval(graphdef, local_ema), config)
+    results = evaluation.predict_dataset_all_hosts(
         predictor, val.records, int(config.test.batch_size), progress=False
     )
     metrics = evaluation.coco_evaluate(val, evaluation.to_coco_json(results, val.cat_ids))
@@ -105,12 +138,14 @@ def evaluate(graphdef, state, config, val: CocoDetection, epoch: int) -> dict:
 def main(argv=None) -> None:
     args, overrides = parse_args(argv)
     cli.setup_logging()
+    runtime.enable_compilation_cache()
     distributed.initialize(args.coordinator, args.num_processes, args.process_id)
     main_process = distributed.is_main_process()
     if not main_process:
         log.setLevel(logging.WARNING)
     config = load_config(args.config, overrides)
     workdir = os.path.abspath(args.workdir or os.path.join("workdir", config.name))
+    os.makedirs(workdir, exist_ok=True)
 
     if config.data.get("synthetic") and not os.path.isfile(config.data.train.ann_file):
         make_synthetic_data(config.data.synthetic)
@@ -130,6 +165,8 @@ def main(argv=None) -> None:
     model = build_model(config, seed=int(config.seed))
     if config.get("init_from"):
         init_weights(model, config.init_from)
+        if int(config.get("init_bn_recalibration_images", 0)):
+            recalibrate_bn(model, config, train_set, int(config.init_bn_recalibration_images))
     tx = build_optimizer(config, steps_per_epoch)
     lr_fn = lr_schedule(config.schedule, steps_per_epoch)
     graphdef, state = trainer.create_train_state(model, tx)
@@ -144,6 +181,13 @@ def main(argv=None) -> None:
     if mngr.latest_step() is not None:
         state, meta = checkpoint.restore_train_state(mngr, state)
         best_map = float(meta.get("best_map", -1.0))
+        if meta.get("global_batch", global_batch) != global_batch:
+            raise SystemExit(
+                f"error: {mngr.directory} was written with a global batch of "
+                f"{meta['global_batch']} images, this run has {global_batch} "
+                f"({config.device.batch_size_per_device} per device x {jax.device_count()} "
+                "devices); resume with the same global batch (the data order depends on it)"
+            )
         log.info(f"resumed from {mngr.directory} at step {int(state.step)}")
     start = int(state.step)
     start_epoch, start_in_epoch = divmod(start, steps_per_epoch)
@@ -173,6 +217,8 @@ def main(argv=None) -> None:
         step = epoch * steps_per_epoch + step_in_epoch
         if step >= total_steps:
             break
+        if args.log_samples:
+            record_samples(workdir, step, epoch, local_batch["image_id"])
         batch = distributed.global_batch(trainer.batch_from_host(local_batch), mesh)
         state, metrics = train_step(epoch >= int(config.model.arch.detach_epoch))(state, batch)
         if pending is not None:
@@ -190,7 +236,14 @@ def main(argv=None) -> None:
         end_of_epoch = step_in_epoch == steps_per_epoch - 1
         if done % int(config.checkpoint.every_steps) == 0 or end_of_epoch or done == total_steps:
             checkpoint.save_train_state(
-                mngr, state, {"epoch": epoch, "best_map": best_map, "name": config.name}
+                mngr,
+                state,
+                {
+                    "epoch": epoch,
+                    "best_map": best_map,
+                    "name": config.name,
+                    "global_batch": global_batch,
+                },
             )
         val_due = end_of_epoch and (epoch + 1) % int(config.schedule.val_intervals) == 0
         if val_due or done == total_steps:
@@ -209,8 +262,13 @@ def main(argv=None) -> None:
     mngr.wait_until_finished()
     progress.close()
     history.finish()
-    if main_process:
-        print(json.dumps({"final_step": int(state.step), "best_mAP": best_map, "workdir": workdir}))
+    local_params = jax.tree.map(lambda a: np.asarray(a.addressable_data(0)), state.params)
+    summary = {
+        "process": jax.process_index(), "final_step": int(state.step), "best_mAP": best_map,
+        "params_sha256": array_digest(dict(enumerate(jax.tree.leaves(local_params)))),
+        "workdir": workdir,
+    }  # fmt: skip
+    print(json.dumps(summary), flush=True)
 
 
 if __name__ == "__main__":

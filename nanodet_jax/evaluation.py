@@ -81,6 +81,50 @@ def predict_dataset(
     return results
 
 
+def predict_dataset_all_hosts(
+    predictor: Predictor,
+    records: Sequence[ImageRecord],
+    batch_size: int = 8,
+    progress: bool = True,
+) -> dict[int, Detections]:
+    """:func:`predict_dataset` with the images split over processes and every process
+    receiving all detections (so each can run the same COCOeval). One process: the same."""
+    import jax
+
+    count, index = jax.process_count(), jax.process_index()
+    if count == 1:
+        return predict_dataset(predictor, records, batch_size, progress)
+    from jax.experimental import multihost_utils
+
+    mine = list(records)[index::count]
+    local = predict_dataset(predictor, mine, batch_size, progress and index == 0)
+    # Fixed-size rows so that every process contributes an array of the same shape:
+    # [images, max_per_img, (image_id, x1, y1, x2, y2, score, label)], padded with -1.
+    per_process = -(-len(records) // count)
+    max_det = max([len(d) for d in local.values()] + [1])
+    max_det = int(np.max(multihost_utils.process_allgather(np.int32(max_det))))
+    packed = np.full((per_process, max_det, 7), -1.0, np.float64)
+    for row, record in enumerate(mine):
+        det = local[record.image_id]
+        n = len(det)
+        packed[row, :, 0] = record.image_id
+        packed[row, :n, 1:5] = det.boxes
+        packed[row, :n, 5] = det.scores
+        packed[row, :n, 6] = det.labels
+    gathered = multihost_utils.process_allgather(packed)  # [processes, per_process, ...]
+    results: dict[int, Detections] = {}
+    for rows in gathered.reshape(-1, max_det, 7):
+        if rows[0, 0] < 0:
+            continue  # padding image slot
+        keep = rows[:, 6] >= 0
+        results[int(rows[0, 0])] = Detections(
+            rows[keep, 1:5].astype(np.float32),
+            rows[keep, 5].astype(np.float32),
+            rows[keep, 6].astype(np.int32),
+        )
+    return results
+
+
 def to_coco_json(results: dict[int, Detections], cat_ids: Sequence[int]) -> list[dict]:
     """COCO result entries (xywh boxes), as NanoDet's results2json writes them."""
     out = []

@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import os
+import tempfile
 
 import pytest
 
 from nanodet_jax.config_utils import load_config
 from nanodet_jax.model import build_model
 from nanodet_jax.testing import SMALL_MODEL_OVERRIDES
+
+# One persistent XLA cache per test session: train.py/eval.py runs in the same session
+# (same programs) then compile once.
+os.environ.setdefault("NANODET_JAX_CACHE", tempfile.mkdtemp(prefix="nanodet_jax_xla_"))
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHARED = os.environ.get("NANODET_JAX_SHARED", os.path.join(os.path.dirname(REPO), "shared"))
