@@ -19,7 +19,7 @@ import time
 
 from nanodet_jax import cli, evaluation, runtime
 from nanodet_jax.config_utils import load_config
-from nanodet_jax.data.coco import CocoDetection
+from nanodet_jax.data.datasets import build_dataset
 from nanodet_jax.model import build_model
 from nanodet_jax.predictor import Predictor
 
@@ -42,11 +42,11 @@ def main(argv: list[str] | None = None) -> dict:
     runtime.enable_compilation_cache()
     config = load_config(args.config, overrides)
     val = config.data.val
-    dataset = CocoDetection(val.ann_file, val.img_dir)
+    dataset = build_dataset(val, config.get("class_names"), role="val")
     model = build_model(config, with_aux=False)
     if len(dataset.class_names) != model.num_classes:
         sys.exit(
-            f"error: {val.ann_file} has {len(dataset.class_names)} categories but the model "
+            f"error: {dataset.ann_file} has {len(dataset.class_names)} categories but the model "
             f"predicts {model.num_classes} classes (config model.arch.head.num_classes)"
         )
     cli.load_weights(model, args)

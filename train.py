@@ -31,7 +31,8 @@ from nanodet_jax import checkpoint, cli, distributed, evaluation, runtime, train
 from nanodet_jax.bn_recalibration import recalibrate_batchnorm
 from nanodet_jax.config_utils import load_config
 from nanodet_jax.convert import load_torch_weights
-from nanodet_jax.data.coco import CocoDetection, read_image
+from nanodet_jax.data.coco import CocoDetection, load_image
+from nanodet_jax.data.datasets import build_dataset
 from nanodet_jax.data.pipeline import train_loader_from_config
 from nanodet_jax.model import build_model
 from nanodet_jax.optim import build_optimizer, lr_schedule
@@ -115,7 +116,7 @@ def recalibrate_bn(model, config, dataset: CocoDetection, num_images: int) -> No
     batches = []
     for i in range(0, len(records), 16):
         canvases = np.stack([
-            predictor.prepare(read_image(r.path)).canvas for r in records[i : i + 16]
+            predictor.prepare(load_image(r)).canvas for r in records[i : i + 16]
         ])  # fmt: skip
         batches.append(transforms.normalize(jnp.asarray(canvases), mean, std))
     recalibrate_batchnorm(model, batches)
@@ -149,8 +150,8 @@ def main(argv=None) -> None:
 
     if config.data.get("synthetic") and not os.path.isfile(config.data.train.ann_file):
         make_synthetic_data(config.data.synthetic)
-    train_set = CocoDetection(config.data.train.ann_file, config.data.train.img_dir)
-    val_set = CocoDetection(config.data.val.ann_file, config.data.val.img_dir)
+    train_set = build_dataset(config.data.train, config.get("class_names"), role="train")
+    val_set = build_dataset(config.data.val, config.get("class_names"), role="val")
     check_classes(config, train_set)
     mesh = distributed.data_mesh()
     global_batch = int(config.device.batch_size_per_device) * jax.device_count()

@@ -178,9 +178,11 @@ def nanodet_plus_config(
     }
     c.data = ml_collections.ConfigDict()
     c.data.train = {
-        "name": "CocoDataset",
+        "name": "CocoDataset",  # or XMLDataset, YoloDataset, TFDSDataset
         "img_dir": "data/coco/train2017",
         "ann_file": "data/coco/annotations/instances_train2017.json",
+        "split": "",  # TFDS split ("" = the natural one for the role)
+        "difficult": "keep",  # VOC <difficult> objects: keep (NanoDet) or ignore
         "input_size": [input_size, input_size],
         "keep_ratio": False,
         "pipeline": pipeline_train,
@@ -192,6 +194,8 @@ def nanodet_plus_config(
         "name": "CocoDataset",
         "img_dir": "data/coco/val2017",
         "ann_file": "data/coco/annotations/instances_val2017.json",
+        "split": "",
+        "difficult": "keep",
         "input_size": [input_size, input_size],
         "keep_ratio": False,
         "pipeline": {"normalize": [list(v) for v in NORMALIZE]},

@@ -13,7 +13,7 @@ from collections.abc import Iterator, Sequence
 import grain
 import numpy as np
 
-from nanodet_jax.data.coco import CocoDetection, ImageRecord, read_image
+from nanodet_jax.data.coco import CocoDetection, ImageRecord, load_image
 from nanodet_jax.predictor import Detections, Predictor, PreparedImage
 
 log = logging.getLogger("nanodet_jax")
@@ -43,7 +43,7 @@ def prepared_images(
     """Decode and warp images in background threads, in dataset order."""
 
     def load(record: ImageRecord) -> tuple[ImageRecord, PreparedImage]:
-        return record, predictor.prepare(read_image(record.path))
+        return record, predictor.prepare(load_image(record))
 
     ds = grain.MapDataset.source(list(records)).map(load)
     opts = grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=16)

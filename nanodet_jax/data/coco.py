@@ -12,6 +12,7 @@ import dataclasses
 import io
 import logging
 import os
+from typing import Protocol
 
 import cv2
 import numpy as np
@@ -26,12 +27,24 @@ class ImageReadError(OSError):
 @dataclasses.dataclass(frozen=True)
 class ImageRecord:
     image_id: int
-    path: str
+    path: str  # the image file; for records of a ``source``, a name for messages only
     width: int
     height: int
     boxes: np.ndarray  # [n, 4] float32 xyxy, pixels
     labels: np.ndarray  # [n] int32 in [0, num_classes)
     ignore_boxes: np.ndarray  # [m, 4] float32 xyxy (crowd regions)
+    # Images that are not files (e.g. inside a TFDS array_record) are loaded by
+    # ``source.load_image(source_index)``; None means "read ``path``".
+    source: ImageSource | None = dataclasses.field(default=None, compare=False, repr=False)
+    source_index: int = -1
+
+
+class ImageSource(Protocol):
+    """Random access to the images of a container dataset (thread-safe, deterministic)."""
+
+    def load_image(self, index: int) -> np.ndarray:
+        """BGR uint8 HWC image, or :class:`ImageReadError` naming the item."""
+        ...
 
 
 def read_image(path: str) -> np.ndarray:
@@ -42,6 +55,13 @@ def read_image(path: str) -> np.ndarray:
     if img is None:
         raise ImageReadError(f"{path}: cannot decode image (corrupt or not an image)")
     return img
+
+
+def load_image(record: ImageRecord) -> np.ndarray:
+    """The record's BGR uint8 image, from its file or its container source."""
+    if record.source is not None:
+        return record.source.load_image(record.source_index)
+    return read_image(record.path)
 
 
 class CocoDetection:

@@ -28,7 +28,7 @@ import grain
 import numpy as np
 
 from nanodet_jax import augment, transforms
-from nanodet_jax.data.coco import ImageReadError, ImageRecord, read_image
+from nanodet_jax.data.coco import ImageReadError, ImageRecord, load_image
 
 log = logging.getLogger("nanodet_jax")
 
@@ -134,7 +134,7 @@ class TrainLoader:
         for attempt in range(MAX_SUBSTITUTIONS + 1):
             record = self.records[candidate]
             try:
-                return record, read_image(record.path)
+                return record, load_image(record)
             except ImageReadError as e:
                 self._warn_once(f"read:{record.path}", f"skipping unreadable training image {e}")
             rng = np.random.default_rng([self.seed, epoch, index, attempt, _SUBSTITUTE])
