@@ -7,7 +7,9 @@ Rows per input size:
 * ``end to end``: uint8 images -> normalisation -> model -> decode -> NMS (what
   ``Predictor`` runs on the device; host-side JPEG decoding and resizing excluded);
 * ``torch eager``: NanoDet's model in eval mode under ``torch.no_grad()``, NCHW;
-* ``torch channels_last``: the same with channels-last memory format (often faster on CPU).
+* ``torch channels_last``: the same with channels-last memory format (often faster on CPU);
+* ``onnxruntime``: our ONNX export (``nanodet_jax.export_onnx``), batch 1, default and
+  single-thread session.
 Batch 1 reports latency (ms, median of repeats after warm-up); batch 16 reports
 throughput (images/s). ``speed-up`` is torch eager time / our time on the same row.
 Weights are random (speed does not depend on them).
@@ -16,6 +18,8 @@ Weights are random (speed does not depend on them).
 from __future__ import annotations
 
 import argparse
+import os
+import tempfile
 
 import jax
 import numpy as np
@@ -51,6 +55,21 @@ def ours(config, batch: int, repeats: int) -> dict[str, float]:
         lambda: jax.block_until_ready(predictor._forward(predictor.state, u8, valid)), repeats
     )
     return {"forward": t_fwd, "end to end": t_e2e}
+
+
+def onnxruntime_times(config, repeats: int) -> dict[str, float]:
+    """Our ONNX export in onnxruntime (batch 1 only: the exported graph is static)."""
+    try:
+        from nanodet_jax.export_onnx import export_onnx, onnxruntime_latency
+    except ImportError:
+        return {}
+    with tempfile.TemporaryDirectory() as d:
+        path = os.path.join(d, "model.onnx")
+        export_onnx(build_model(config, with_aux=False), config, path)
+        return {
+            "onnxruntime": onnxruntime_latency(path, repeats),
+            "onnxruntime 1 thread": onnxruntime_latency(path, repeats, threads=1),
+        }
 
 
 def torch_times(ref, config, batch: int, repeats: int) -> dict[str, float]:
@@ -90,6 +109,8 @@ def main() -> None:
         for batch in (1, 16):
             reps = args.repeats if batch == 1 else max(3, args.repeats // 4)
             times = ours(config, batch, reps)
+            if batch == 1:
+                times |= onnxruntime_times(config, reps)
             if ref is not None:
                 times |= torch_times(ref, config, batch, reps)
             results[f"{size}/b{batch}"] = times
