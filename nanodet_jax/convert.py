@@ -220,11 +220,16 @@ def torch_state_dict(model: nnx.Module) -> OrderedDict:
     return out
 
 
-def save_torch_weights(model: nnx.Module, path: str | os.PathLike) -> None:
-    """Write a .pth that NanoDet's own code loads with ``load_state_dict(strict=True)``."""
+def save_torch_weights(model: nnx.Module, path: str | os.PathLike, wrap: bool = False) -> None:
+    """Write a .pth that NanoDet's model loads with ``load_state_dict(strict=True)``.
+
+    ``wrap`` writes ``{"state_dict": ...}`` instead, the layout of NanoDet's
+    ``nanodet_model_best.pth`` that its tools and demos (``load_model_weight``) expect.
+    """
     import torch
 
-    torch.save(torch_state_dict(model), path)
+    sd = torch_state_dict(model)
+    torch.save({"state_dict": sd} if wrap else sd, path)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -239,6 +244,11 @@ def main(argv: list[str] | None = None) -> None:
     src.add_argument("--checkpoint", help="orbax checkpoint directory to read")
     p.add_argument("--out", help="orbax checkpoint directory to write (with --torch-weights)")
     p.add_argument("--export-torch", help="write the weights as a NanoDet .pth state_dict")
+    p.add_argument(
+        "--wrap",
+        action="store_true",
+        help='with --export-torch: write {"state_dict": ...} for NanoDet\'s tools and demos',
+    )
     p.add_argument("--no-ema", action="store_true", help="take raw, not EMA, weights of a .ckpt")
     args, overrides = p.parse_known_args(argv)
     cli.setup_logging()
@@ -255,7 +265,7 @@ def main(argv: list[str] | None = None) -> None:
         checkpoint.save_weights(args.out, model, config)
         log.info(f"wrote orbax checkpoint {args.out}")
     if args.export_torch:
-        save_torch_weights(model, args.export_torch)
+        save_torch_weights(model, args.export_torch, wrap=args.wrap)
         log.info(f"wrote {args.export_torch}")
     if not (args.out or args.export_torch):
         p.error("nothing to write: give --out and/or --export-torch")
