@@ -10,13 +10,13 @@ from flax import nnx
 
 from nanodet_jax.layers import (
     Activation,
-    BatchNorm2d,
     Conv2d,
     Sequential,
     channel_shuffle,
     max_pool_3x3_s2,
     random_normal,
 )
+from nanodet_jax.norm import BatchNorm2d
 
 STAGE_OUT_CHANNELS = {
     "0.5x": [24, 48, 96, 192, 1024],

@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from nanodet_jax.layers import BatchNorm2d
+from nanodet_jax.norm import BatchNorm2d
 
 log = logging.getLogger("nanodet_jax")
 

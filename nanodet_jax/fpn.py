@@ -10,7 +10,6 @@ from flax import nnx
 
 from nanodet_jax.layers import (
     Activation,
-    BatchNorm2d,
     Conv2d,
     ConvModule,
     DepthwiseConvModule,
@@ -19,6 +18,7 @@ from nanodet_jax.layers import (
     upsample_bilinear_2x,
     upsample_nearest_2x,
 )
+from nanodet_jax.norm import BatchNorm2d
 
 
 class GhostModule(nnx.Module):
