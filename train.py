@@ -211,6 +211,9 @@ def main(argv=None) -> None:
         f"{jax.device_count()} device(s), {steps_per_epoch} steps/epoch, {epochs} epochs, "
         f"workdir {workdir}"
     )
+    if config.get("init_from") and start == 0:
+        # The starting point's accuracy, so a fine-tuning run shows what it changed.
+        history.log_eval(0, 0, evaluate(graphdef, state, config, val_set, 0))
     progress = history.progress(total_steps, start)
     pending = None  # metrics of the previous step, checked after the next is dispatched
     t_last, images_since = time.perf_counter(), 0

@@ -42,13 +42,13 @@ from nanodet_jax.fpn import GhostBlocks, GhostBottleneck, GhostModule, GhostPAN
 from nanodet_jax.head import NanoDetPlusHead
 from nanodet_jax.layers import (
     Activation,
-    BatchNorm2d,
     Conv2d,
     ConvModule,
     DepthwiseConvModule,
     Sequential,
 )
 from nanodet_jax.model import NanoDetPlus
+from nanodet_jax.norm import BatchNorm2d
 
 OPSET = 11
 INPUT_NAME = "data"
