@@ -197,12 +197,8 @@ def main(argv=None) -> None:
 
     def train_step(detach: bool):
         if detach not in steps:
-            fn = trainer.make_train_step(graphdef, tx, config, detach_aux=detach, lr_fn=lr_fn)
-            steps[detach] = jax.jit(
-                fn,
-                in_shardings=(distributed.replicated(mesh), distributed.batch_sharded(mesh)),
-                out_shardings=(distributed.replicated(mesh), distributed.replicated(mesh)),
-                donate_argnums=0,
+            steps[detach] = trainer.jit_train_step(
+                graphdef, tx, config, mesh, detach_aux=detach, lr_fn=lr_fn
             )
         return steps[detach]
 

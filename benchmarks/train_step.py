@@ -9,6 +9,9 @@ Reports, in one run:
   with the ratio ours / reference;
 * the first step's compile time;
 * the assigner's share of our step (the jitted assigner alone, same inputs);
+* with several devices visible, the same global batch on one device and split over all
+  of them (``XLA_FLAGS=--xla_force_host_platform_device_count=8`` on CPU checks the
+  plumbing; on a multi-GPU host it measures the scaling);
 * the input pipeline's images/s (decode + warp + batch; ``--data`` COCO folder, else a
   generated synthetic dataset).
 Each figure is the median of ``--repeats`` timed runs after a warm-up.
@@ -32,7 +35,7 @@ from common import (
     write_json,
 )
 
-from nanodet_jax import trainer
+from nanodet_jax import distributed, trainer
 from nanodet_jax.assigner import assign
 from nanodet_jax.box_ops import center_priors, distance2bbox, distribution_to_distance
 from nanodet_jax.config_utils import load_config
@@ -52,10 +55,13 @@ def random_targets(batch: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     )
 
 
-def our_step(config, batch: int, repeats: int) -> dict[str, float]:
+def our_step(config, batch: int, repeats: int, mesh=None) -> dict[str, float]:
+    """Our step on ``mesh`` (default: the first device), as ``train.py`` compiles it."""
+    mesh = mesh or distributed.data_mesh(jax.devices()[:1])
     model = build_model(config)
     tx = build_optimizer(config, 1000)
     graphdef, state = trainer.create_train_state(model, tx)
+    state = jax.device_put(state, distributed.replicated(mesh))
     boxes, labels = random_targets(batch)
     gt_boxes = np.zeros((batch, SLOTS, 4), np.float32)
     gt_labels = np.zeros((batch, SLOTS), np.int32)
@@ -68,10 +74,8 @@ def our_step(config, batch: int, repeats: int) -> dict[str, float]:
         "gt_labels": gt_labels,
         "gt_mask": np.arange(SLOTS)[None].repeat(batch, 0) < NUM_BOXES,
     }
-    data = jax.device_put(data)
-    step = jax.jit(
-        trainer.make_train_step(graphdef, tx, config, detach_aux=False), donate_argnums=0
-    )
+    data = jax.device_put(data, distributed.batch_sharded(mesh))
+    step = trainer.jit_train_step(graphdef, tx, config, mesh, detach_aux=False)
     start = time.perf_counter()
     state, metrics = step(state, data)
     jax.block_until_ready(metrics)
@@ -106,6 +110,7 @@ def our_step(config, batch: int, repeats: int) -> dict[str, float]:
 def torch_step(ref, config, batch: int, repeats: int) -> dict[str, float]:
     import torch
 
+    cuda = torch.cuda.is_available() and jax.default_backend() == "gpu"
     out = {}
     for layout in ("NCHW", "channels_last"):
         model = ref.build_model(config.model.arch.to_dict())
@@ -113,6 +118,8 @@ def torch_step(ref, config, batch: int, repeats: int) -> dict[str, float]:
         opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.05)
         rng = np.random.default_rng(0)
         img = torch.from_numpy(rng.normal(size=(batch, 3, SIZE, SIZE)).astype(np.float32))
+        if cuda:
+            model, img = model.cuda(), img.cuda()
         if layout == "channels_last":
             model = model.to(memory_format=torch.channels_last)
             img = img.contiguous(memory_format=torch.channels_last)
@@ -130,6 +137,8 @@ def torch_step(ref, config, batch: int, repeats: int) -> dict[str, float]:
             torch.nn.utils.clip_grad_norm_(model.parameters(), float(config.grad_clip))
             opt.step()
             ema.update(model, 1000)  # NanoDet's EMA update runs every step too
+            if cuda:
+                torch.cuda.synchronize()
 
         out[f"torch {layout}"] = median_seconds(run, repeats, warmup=1)
     return out
@@ -173,11 +182,17 @@ def main() -> None:
     config = load_config(
         os.path.join(os.path.dirname(__file__), "..", "configs", "nanodet_plus_m.py")
     )
-    rows, results = [], {}
+    rows, results, device_rows = [], {}, []
     for batch in args.batches:
         ours = our_step(config, batch, args.repeats)
         theirs = torch_step(ref, config, batch, args.repeats) if ref else {}
         results[batch] = {**ours, **theirs}
+        if jax.device_count() > 1 and batch % jax.device_count() == 0:
+            # The same global batch split over all devices (train.py's mesh).
+            split = our_step(config, batch, args.repeats, distributed.data_mesh())["step"]
+            results[batch]["all devices"] = split
+            device_rows.append([batch, f"{ours['step'] * 1e3:.0f} ms", f"{split * 1e3:.0f} ms",
+                                f"{ours['step'] / split:.2f}x"])  # fmt: skip
         row = [
             batch,
             f"{batch / ours['step']:.2f}",
@@ -197,6 +212,12 @@ def main() -> None:
         "torch channels_last img/s (ours/torch)",
     ]
     print(markdown_table(header, rows))  # fmt: skip
+    if device_rows:
+        # On a CPU host with --xla_force_host_platform_device_count the "devices" share
+        # the same cores: this checks the plumbing; on a multi-GPU host it is the scaling.
+        n = jax.device_count()
+        print(markdown_table(["global batch", "1 device", f"{n} devices", "speed-up"],
+                             device_rows))  # fmt: skip
     rate = pipeline_rate(config, args.data, 16)
     print(f"input pipeline: {rate:.0f} images/s (decode + warp + batch, 320, "
           f"{config.device.workers} threads)")  # fmt: skip

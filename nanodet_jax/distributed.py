@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import jax
 import numpy as np
@@ -54,9 +54,15 @@ def initialize(
     )
 
 
-def data_mesh() -> Mesh:
-    """A 1-D mesh over all devices (Auto axis: shardings propagate as in plain ``jit``)."""
-    return jax.make_mesh((jax.device_count(),), (DATA_AXIS,), axis_types=(AxisType.Auto,))
+def data_mesh(devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """A 1-D mesh over ``devices`` (default: all devices of all processes).
+
+    Auto axis type: shardings propagate as in plain ``jit``.
+    """
+    devices = list(jax.devices() if devices is None else devices)
+    return jax.make_mesh(
+        (len(devices),), (DATA_AXIS,), axis_types=(AxisType.Auto,), devices=devices
+    )
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

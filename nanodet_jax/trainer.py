@@ -20,8 +20,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx, struct
+from jax.sharding import Mesh
 
-from nanodet_jax import transforms
+from nanodet_jax import distributed, transforms
 from nanodet_jax.augment import color_augment_and_normalize
 from nanodet_jax.box_ops import center_priors
 from nanodet_jax.losses import nanodet_plus_loss
@@ -155,6 +156,29 @@ def make_train_step(
         return new_state, metrics
 
     return step_fn
+
+
+def jit_train_step(
+    graphdef: Any,
+    tx: optax.GradientTransformation,
+    config: Any,
+    mesh: Mesh,
+    *,
+    detach_aux: bool,
+    lr_fn: Callable[[jax.Array], jax.Array] | None = None,
+) -> Callable[[TrainState, Batch], tuple[TrainState, dict[str, jax.Array]]]:
+    """The train step compiled for ``mesh``: state replicated (and donated), batch split.
+
+    Every batch statistic in the step (BatchNorm moments, loss normalisers) is then a
+    reduction over the global batch, which XLA lowers to cross-device collectives.
+    """
+    replicated = distributed.replicated(mesh)
+    return jax.jit(
+        make_train_step(graphdef, tx, config, detach_aux=detach_aux, lr_fn=lr_fn),
+        in_shardings=(replicated, distributed.batch_sharded(mesh)),
+        out_shardings=(replicated, replicated),
+        donate_argnums=0,
+    )
 
 
 def batch_from_host(batch: dict[str, np.ndarray]) -> Batch:

@@ -43,7 +43,6 @@ from nanodet_jax.config_utils import load_config
 from nanodet_jax.model import build_model
 from nanodet_jax.optim import build_optimizer
 from nanodet_jax.testing import SMALL_MODEL_OVERRIDES
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 config = load_config("configs/nanodet_plus_m.py", [*SMALL_MODEL_OVERRIDES,
     "--config.data.train.input_size=[96, 96]"])
@@ -57,14 +56,12 @@ batch = {"images": rng.integers(0, 256, (B, 96, 96, 3), dtype=np.uint8),
          "gt_mask": rng.uniform(size=(B, M)) < 0.5}
 result = {}
 for name, devices in (("8", jax.devices()), ("1", jax.devices()[:1])):
-    mesh = Mesh(np.array(devices), ("data",))
+    mesh = distributed.data_mesh(devices)
     tx = build_optimizer(config, 100)
     graphdef, state = trainer.create_train_state(build_model(config, seed=0), tx)
-    repl, data = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
-    state = jax.device_put(state, repl)
-    step = jax.jit(trainer.make_train_step(graphdef, tx, config, detach_aux=False),
-                   in_shardings=(repl, data), out_shardings=(repl, repl), donate_argnums=0)
-    gb = jax.device_put(batch, data)
+    state = jax.device_put(state, distributed.replicated(mesh))
+    step = trainer.jit_train_step(graphdef, tx, config, mesh, detach_aux=False)
+    gb = jax.device_put(batch, distributed.batch_sharded(mesh))
     losses = []
     for _ in range(3):
         state, metrics = step(state, gb)
