@@ -25,7 +25,6 @@ import shutil
 import subprocess
 import tempfile
 import threading
-from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +33,13 @@ import jax.numpy as jnp
 import jaxlib
 import numpy as np
 
-from nanodet_jax.ops.depthwise_xla import RawOp, batch_parallel, batchable, out_size
+from nanodet_jax.ops.depthwise_xla import (
+    RawOp,
+    batch_parallel,
+    batchable,
+    float32_depthwise,
+    out_size,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -207,29 +212,5 @@ def weight_grad(x: jax.Array, g: jax.Array, k: int, stride: int, padding: int) -
     return batchable(_dw_op, shape, stride, padding, fold=False)(x, g)
 
 
-@partial(jax.custom_vjp, nondiff_argnums=(2, 3))
-def _depthwise_f32(x: jax.Array, kernel: jax.Array, stride: int, padding: int) -> jax.Array:
-    return forward(x, kernel, stride, padding)
-
-
-def _vjp_fwd(
-    x: jax.Array, kernel: jax.Array, stride: int, padding: int
-) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
-    return forward(x, kernel, stride, padding), (x, kernel)
-
-
-def _vjp_bwd(
-    stride: int, padding: int, res: tuple[jax.Array, jax.Array], g: jax.Array
-) -> tuple[jax.Array, jax.Array]:
-    x, kernel = res
-    dx = input_grad(g, kernel, stride, padding, (x.shape[1], x.shape[2]))
-    return dx, weight_grad(x, g, kernel.shape[0], stride, padding)
-
-
-_depthwise_f32.defvjp(_vjp_fwd, _vjp_bwd)
-
-
-def depthwise_conv2d_ffi(x: jax.Array, kernel: jax.Array, stride: int, padding: int) -> jax.Array:
-    """Depthwise conv through the C++ kernels; call :func:`load` first (CPU only)."""
-    y = _depthwise_f32(x.astype(jnp.float32), kernel.astype(jnp.float32), stride, padding)
-    return y.astype(x.dtype)
+# Depthwise conv through the C++ kernels; call :func:`load` first (CPU only).
+depthwise_conv2d_ffi = float32_depthwise(forward, input_grad, weight_grad)

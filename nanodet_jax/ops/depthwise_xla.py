@@ -282,31 +282,38 @@ def _weight_grad(x: jax.Array, g: jax.Array, k: int, stride: int, padding: int) 
     return batchable(_weight_grad_op, shape, stride, padding, fold=False)(x, g)
 
 
-@partial(jax.custom_vjp, nondiff_argnums=(2, 3))
-def _depthwise_f32(x: jax.Array, kernel: jax.Array, stride: int, padding: int) -> jax.Array:
-    return _forward(x, kernel[:, :, 0, :], stride, padding)
+def float32_depthwise(
+    forward: Callable[..., jax.Array],
+    input_grad: Callable[..., jax.Array],
+    weight_grad: Callable[..., jax.Array],
+) -> Callable[[jax.Array, jax.Array, int, int], jax.Array]:
+    """A depthwise conv ``(x NHWC, kernel [K, K, 1, C], stride, padding)`` computed in
+    float32 from a forward and its two hand-written gradients (one per backend)."""
+
+    @partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+    def conv(x: jax.Array, kernel: jax.Array, stride: int, padding: int) -> jax.Array:
+        return forward(x, kernel, stride, padding)
+
+    def fwd(x, kernel, stride, padding):
+        return forward(x, kernel, stride, padding), (x, kernel)
+
+    def bwd(stride, padding, res, g):
+        x, kernel = res
+        dx = input_grad(g, kernel, stride, padding, (x.shape[1], x.shape[2]))
+        return dx, weight_grad(x, g, kernel.shape[0], stride, padding)
+
+    conv.defvjp(fwd, bwd)
+
+    def depthwise(x: jax.Array, kernel: jax.Array, stride: int, padding: int) -> jax.Array:
+        y = conv(x.astype(jnp.float32), kernel.astype(jnp.float32), stride, padding)
+        return y.astype(x.dtype)
+
+    return depthwise
 
 
-def _vjp_fwd(
-    x: jax.Array, kernel: jax.Array, stride: int, padding: int
-) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
-    return _depthwise_f32(x, kernel, stride, padding), (x, kernel)
-
-
-def _vjp_bwd(
-    stride: int, padding: int, res: tuple[jax.Array, jax.Array], g: jax.Array
-) -> tuple[jax.Array, jax.Array]:
-    x, kernel = res
-    k = kernel.shape[0]
-    dx = _input_grad(g, kernel[:, :, 0, :], stride, padding, (x.shape[1], x.shape[2]))
-    dw = _weight_grad(x, g, k, stride, padding)
-    return dx, dw
-
-
-_depthwise_f32.defvjp(_vjp_fwd, _vjp_bwd)
-
-
-def depthwise_conv2d_xla(x: jax.Array, kernel: jax.Array, stride: int, padding: int) -> jax.Array:
-    """Shift-add depthwise conv with hand-written gradients (NHWC, kernel [K, K, 1, C])."""
-    y = _depthwise_f32(x.astype(jnp.float32), kernel.astype(jnp.float32), stride, padding)
-    return y.astype(x.dtype)
+# Shift-add depthwise conv with hand-written gradients (NHWC, kernel [K, K, 1, C]).
+depthwise_conv2d_xla = float32_depthwise(
+    lambda x, kernel, stride, padding: _forward(x, kernel[:, :, 0, :], stride, padding),
+    lambda g, kernel, *args: _input_grad(g, kernel[:, :, 0, :], *args),
+    _weight_grad,
+)
