@@ -19,7 +19,7 @@ from flax import nnx
 from jax import lax
 
 from nanodet_jax.norm import build_norm
-from nanodet_jax.ops import depthwise_conv2d
+from nanodet_jax.ops import conv3x3, depthwise_conv2d
 
 Initializer = Callable[[jax.Array, tuple[int, ...], jnp.dtype], jax.Array]
 
@@ -161,6 +161,8 @@ class Conv2d(nnx.Module):
         kernel = self.weight[...].astype(x.dtype)
         if self.depthwise:
             y = depthwise_conv2d(x, kernel, self.stride, self.padding)
+        elif self.groups == 1 and kernel.shape[:2] == (3, 3) and self.stride == self.padding == 1:
+            y = conv3x3(x, kernel)  # the aux head's layers: Winograd on CPU
         else:
             if self.groups == 1 and x.shape[-1] < 4:
                 # XLA:CPU's convolution is ~7x slower with 3 input channels (the RGB

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from nanodet_jax.ops import depthwise_conv2d, depthwise_ffi
+from nanodet_jax.ops import depthwise_conv2d, depthwise_ffi, ffi_build
 from nanodet_jax.ops.depthwise import ENV_VAR, depthwise_conv2d_lax
 
 REPO = Path(__file__).resolve().parents[1]
@@ -39,7 +39,7 @@ CASES = [
 @pytest.fixture(scope="session")
 def ffi_ok() -> bool:
     """Build the C++ kernel once per session (and once per machine thanks to the cache)."""
-    if depthwise_ffi._find_compiler() is None:
+    if ffi_build.find_compiler() is None:
         pytest.skip("no C++ compiler: the FFI kernel cannot be built here")
     assert depthwise_ffi.load(), "C++ compiler found but the FFI kernel failed to build"
     return True
@@ -185,7 +185,7 @@ def test_fallback_when_build_fails(tmp_path: Path) -> None:
     proc = _run_python(code, CXX="false", XDG_CACHE_HOME=str(tmp_path))
     assert proc.returncode == 0, proc.stderr
     assert "OK" in proc.stdout
-    assert proc.stderr.count("depthwise FFI kernel unavailable") == 1, proc.stderr
+    assert proc.stderr.count("C++ FFI kernels unavailable") == 1, proc.stderr
 
 
 def test_sharded_batch(ffi_ok: bool) -> None:

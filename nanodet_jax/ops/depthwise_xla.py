@@ -178,12 +178,14 @@ def _mesh_of(mesh: Any, arg_shapes: Any) -> Any:
     return sharding.mesh if isinstance(sharding, NamedSharding) else mesh
 
 
-def batch_parallel(raw: RawOp, reduce_batch: bool) -> RawOp:
+def batch_parallel(raw: RawOp, reduce_batch: bool, dense: bool = False) -> RawOp:
     """custom_partitioning wrapper of an op ``raw(a, b, out_shape, stride, padding)``.
 
     ``a`` is NHWC and decides the sharding. For forward / input-gradient, ``b`` is the
     kernel and the output is NHWC; for the weight gradient (``reduce_batch``) ``b`` is the
-    NHWC cotangent and the output is the [K, K, 1, C] kernel gradient.
+    NHWC cotangent and the output is the [K, K, 1, C] kernel gradient. ``dense``: the op
+    mixes channels (a dense convolution, ``b`` any rank-4 kernel layout), so only the
+    batch is split and the output's channel count comes from ``out_shape``.
     """
     op = custom_partitioning(raw, static_argnums=(2, 3, 4))
 
@@ -192,6 +194,7 @@ def batch_parallel(raw: RawOp, reduce_batch: bool) -> RawOp:
     ) -> tuple[Any, NamedSharding, NamedSharding, NamedSharding]:
         """(batch axes, sharding of a, of b, of the output) from the sharding of ``a``."""
         bat, ch = _batch_channel(arg_shapes[0].sharding, 4)
+        ch = None if dense else ch
         nhwc = _named(mesh, bat, None, None, ch)
         kernel = _named(mesh, None, None, None, ch)
         if reduce_batch:
@@ -209,7 +212,7 @@ def batch_parallel(raw: RawOp, reduce_batch: bool) -> RawOp:
             if reduce_batch:
                 local = (*out_shape[:3], a.shape[3])
             else:
-                local = (a.shape[0], *out_shape[1:3], a.shape[3])
+                local = (a.shape[0], *out_shape[1:3], out_shape[3] if dense else a.shape[3])
             y = raw(a, b, local, stride, padding)
             if reduce_batch and _axes(bat):
                 y = lax.psum(y, _axes(bat))  # per-shard partial sums of dw
@@ -222,11 +225,14 @@ def batch_parallel(raw: RawOp, reduce_batch: bool) -> RawOp:
     ) -> NamedSharding:
         return specs(_mesh_of(mesh, arg_shapes), arg_shapes)[3]
 
-    rule = "b h w c, b y z c -> u v i c" if reduce_batch else "b h w c, u v i c -> b y z c"
+    if dense:
+        rule = "b h w c, b y z k -> p q r s" if reduce_batch else "b h w c, p q r s -> b y z k"
+    else:
+        rule = "b h w c, b y z c -> u v i c" if reduce_batch else "b h w c, u v i c -> b y z c"
     # Spatial and kernel dims must not be sharded. Shardy wants these factors listed in
     # order of first appearance in the rule.
     factors = list(dict.fromkeys(rule.replace(",", " ").replace("->", " ").split()))
-    replicated = tuple(f for f in factors if f not in ("b", "c"))
+    replicated = tuple(f for f in factors if f not in (("b",) if dense else ("b", "c")))
     op.def_partition(
         partition=partition,
         infer_sharding_from_operands=infer,

@@ -1,0 +1,106 @@
+"""Dense 3x3 convolution (the aux head's layers) on NanoDet-Plus-m shapes: ours vs torch.
+
+    python benchmarks/conv3x3.py [--batch 16] [--repeats 5] [--json out.json]
+
+For one 192 -> 192 channel layer on each pyramid level of a 320 input (40, 20, 10, 5), and
+the four levels summed, times the forward and forward + backward (d/dx and d/dkernel) of
+
+* ``lax``   XLA's ``lax.conv_general_dilated``,
+* ``ffi``   the C++ Winograd F(2x2, 3x3) kernel (forward and input gradient; the weight
+  gradient is XLA's), i.e. what ``nanodet_jax.ops.conv3x3`` runs on CPU,
+* ``torch`` ``torch.nn.functional.conv2d`` in NCHW and channels_last (skipped without torch),
+
+with the ratio torch NCHW / ours (> 1: we are faster). Median of ``--repeats`` after warm-up.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from common import machine_summary, markdown_table, median_seconds, write_json
+
+from nanodet_jax.ops import conv3x3
+
+CHANNELS = 192
+LEVELS = (40, 20, 10, 5)
+
+
+def jax_times(impl: str, x: jax.Array, k: jax.Array, g: jax.Array, repeats: int) -> tuple:
+    fwd = jax.jit(lambda x, k: conv3x3(x, k, impl=impl))
+
+    @jax.jit
+    def fwd_bwd(x, k, g):
+        y, vjp = jax.vjp(lambda x, k: conv3x3(x, k, impl=impl), x, k)
+        return y, *vjp(g)
+
+    t_f = median_seconds(lambda: jax.block_until_ready(fwd(x, k)), repeats)
+    t_fb = median_seconds(lambda: jax.block_until_ready(fwd_bwd(x, k, g)), repeats)
+    return t_f, t_fb
+
+
+def torch_times(layout: str, x: np.ndarray, k: np.ndarray, g: np.ndarray, repeats: int):
+    import torch
+
+    fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+    xt = torch.from_numpy(x.transpose(0, 3, 1, 2).copy()).contiguous(memory_format=fmt)
+    wt = torch.from_numpy(k.transpose(3, 2, 0, 1).copy()).contiguous(memory_format=fmt)
+    gt = torch.from_numpy(g.transpose(0, 3, 1, 2).copy()).contiguous(memory_format=fmt)
+    xt.requires_grad_(True)
+    wt.requires_grad_(True)
+
+    def fwd():
+        with torch.no_grad():
+            torch.nn.functional.conv2d(xt, wt, padding=1)
+
+    def fwd_bwd():
+        y = torch.nn.functional.conv2d(xt, wt, padding=1)
+        torch.autograd.grad(y, (xt, wt), gt)
+
+    return median_seconds(fwd, repeats), median_seconds(fwd_bwd, repeats)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--json")
+    args = p.parse_args()
+    print(machine_summary())
+    try:
+        import torch  # noqa: F401 - default threads, as in train_step.py
+
+        layouts = ["NCHW", "channels_last"]
+    except ImportError:
+        print("(torch not installed: torch columns skipped)")
+        layouts = []
+    rng = np.random.default_rng(0)
+    impls = ["lax", "ffi"]
+    header = ["level", *[f"{i} {m}" for m in ("fwd", "fwd+bwd") for i in impls + layouts]]
+    rows, totals = [], {}
+    for size in LEVELS:
+        shape = (args.batch, size, size, CHANNELS)
+        x = rng.standard_normal(shape).astype(np.float32)
+        k = (rng.standard_normal((3, 3, CHANNELS, CHANNELS)) / 40).astype(np.float32)
+        g = rng.standard_normal(shape).astype(np.float32)
+        times = {i: jax_times(i, jnp.asarray(x), jnp.asarray(k), jnp.asarray(g), args.repeats)
+                 for i in impls}  # fmt: skip
+        times.update({lay: torch_times(lay, x, k, g, args.repeats) for lay in layouts})
+        for name, t in times.items():
+            totals[name] = tuple(a + b for a, b in zip(totals.get(name, (0.0, 0.0)), t))
+        rows.append([f"{size}x{size}", *[f"{times[n][m] * 1e3:.1f}" for m in (0, 1)
+                                         for n in impls + layouts]])  # fmt: skip
+    rows.append(["sum", *[f"{totals[n][m] * 1e3:.1f}" for m in (0, 1) for n in impls + layouts]])
+    print(f"\nbatch {args.batch}, {CHANNELS} -> {CHANNELS} channels, ms (median):")
+    print(markdown_table(header, rows))
+    for ref in ["lax", *layouts]:
+        print(f"sum: {ref} / ffi = forward {totals[ref][0] / totals['ffi'][0]:.2f}x, "
+              f"forward+backward {totals[ref][1] / totals['ffi'][1]:.2f}x")  # fmt: skip
+    write_json(args.json, {"batch": args.batch, "ms": {n: [t * 1e3 for t in v]
+                                                       for n, v in totals.items()}})  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
