@@ -36,6 +36,17 @@ def shared_data() -> str:
 
 
 @pytest.fixture(scope="session")
+def ffi_ok() -> bool:
+    """Build the C++ FFI kernels once per session (and once per machine: cached)."""
+    from nanodet_jax.ops import ffi_build
+
+    if ffi_build.find_compiler() is None:
+        pytest.skip("no C++ compiler: the FFI kernels cannot be built here")
+    assert ffi_build.load(), "C++ compiler found but the FFI kernels failed to build"
+    return True
+
+
+@pytest.fixture(scope="session")
 def small_config():
     """A narrow 5-class NanoDet-Plus config (fast to build and compile)."""
     return load_config(config_path("nanodet_plus_m.py"), SMALL_MODEL_OVERRIDES)

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from nanodet_jax.ops import depthwise_conv2d, depthwise_ffi, ffi_build
+from nanodet_jax.ops import depthwise_conv2d
 from nanodet_jax.ops.depthwise import ENV_VAR, depthwise_conv2d_lax
 
 REPO = Path(__file__).resolve().parents[1]
@@ -34,15 +34,6 @@ CASES = [
     (1, 3, 4, 24, 5, 1, 2),  # smaller than the kernel: every pixel is a border pixel
     (3, 9, 8, 17, 7, 2, 3),  # K without a specialised C++ kernel (generic path)
 ]
-
-
-@pytest.fixture(scope="session")
-def ffi_ok() -> bool:
-    """Build the C++ kernel once per session (and once per machine thanks to the cache)."""
-    if ffi_build.find_compiler() is None:
-        pytest.skip("no C++ compiler: the FFI kernel cannot be built here")
-    assert depthwise_ffi.load(), "C++ compiler found but the FFI kernel failed to build"
-    return True
 
 
 def _impls(request: pytest.FixtureRequest, impl: str) -> str:
