@@ -87,6 +87,15 @@ def test_planted_fault_fails(base, capsys, fault):
     assert lines, f"{named!r} not named in:\n{text}"
 
 
+def _check_train_split(dataset: str, ann, img_dir, capsys) -> tuple[int, str]:
+    """Run the check command on a train split of format ``dataset``: (exit code, output)."""
+    code = check.main(
+        ["--config", CONFIG, "--split", "train", CLASSES, f"--config.data.train.name={dataset}",
+         f"--config.data.train.ann_file={ann}", f"--config.data.train.img_dir={img_dir}"]
+    )  # fmt: skip
+    return code, capsys.readouterr().out
+
+
 def test_voc_and_yolo_faults(base, capsys, tmp_path):
     out, _ = base
     img_dir = out / "train"
@@ -96,12 +105,7 @@ def test_voc_and_yolo_faults(base, capsys, tmp_path):
         "<annotation><filename>000001.jpg</filename><object><name>hexagon</name><bndbox>"
         "<xmin>1</xmin><ymin>1</ymin><xmax>9</xmax><ymax>9</ymax></bndbox></object></annotation>"
     )
-    args = [f"--config.data.train.ann_file={xml}", f"--config.data.train.img_dir={img_dir}"]
-    code = check.main(
-        ["--config", CONFIG, "--split", "train", CLASSES, "--config.data.train.name=XMLDataset"]
-        + args
-    )
-    text = capsys.readouterr().out
+    code, text = _check_train_split("XMLDataset", xml, img_dir, capsys)
     assert code == 1 and "a.xml" in text and "'hexagon'" in text, text
 
     labels = tmp_path / "labels"
@@ -109,10 +113,5 @@ def test_voc_and_yolo_faults(base, capsys, tmp_path):
     (labels / "000001.txt").write_text("0 0.5 0.5 0.2 0.2\n")
     (labels / "nothere.txt").write_text("0 0.5 0.5 0.2 0.2\n")
     cv2.imwrite(str(tmp_path / "unused.png"), np.zeros((4, 4, 3), np.uint8))
-    args = [f"--config.data.train.ann_file={labels}", f"--config.data.train.img_dir={img_dir}"]
-    code = check.main(
-        ["--config", CONFIG, "--split", "train", CLASSES, "--config.data.train.name=YoloDataset"]
-        + args
-    )
-    text = capsys.readouterr().out
+    code, text = _check_train_split("YoloDataset", labels, img_dir, capsys)
     assert code == 1 and "nothere.txt" in text and "1 images" in text, text
