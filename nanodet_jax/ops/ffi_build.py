@@ -47,6 +47,10 @@ def _sources() -> list[Path]:
     return sorted(_CSRC.glob("*.cc"))
 
 
+def _headers() -> list[Path]:
+    return sorted(_CSRC.glob("*.h"))
+
+
 def find_compiler() -> str | None:
     for name in (os.environ.get("CXX"), "c++", "g++", "clang++"):
         if name and (path := shutil.which(name)):
@@ -82,7 +86,7 @@ def _build(cxx: str, arch: tuple[str, ...]) -> Path:
         b"\0".join(
             s.encode()
             for s in (
-                *(p.read_text() for p in sorted(_CSRC.glob("*"))),
+                *(p.read_text() for p in _sources() + _headers()),
                 cxx,
                 version,
                 " ".join(flags),
