@@ -42,10 +42,18 @@ def test_function_kept_and_train_mode_close(small_config):
         np.testing.assert_allclose(
             np.asarray(b), np.asarray(a), rtol=2e-4, atol=2e-4 * float(jnp.abs(a).max())
         )
-    # Train mode (batch statistics) now computes nearly the eval-mode function.
+    # Train mode on exactly the calibration batches normalises every layer with the
+    # statistics recalibration measured (same biased variance, same inputs, since the
+    # eval-mode function is unchanged), so it reproduces eval mode up to float noise.
+    # Measured on CPU: 1.1e-6 (head) and 9.4e-5 (aux head, values near zero) of the
+    # largest output. The unbiased variance n/(n-1) in train-mode normalisation gives
+    # 4.7e-3 (head), in the recalibrated statistics 1.3e-2.
+    evals = [fwd(model, b) for b in batches]
     model.train()
-    train_out = fwd(model, jnp.concatenate(batches))[0][:4]
-    err = float(jnp.abs(train_out - after[0]).max() / jnp.abs(after[0]).max())
-    assert err < 0.1, err
+    train_outs = fwd(model, jnp.concatenate(batches))
+    for name, i, tol in (("head", 0, 1e-5), ("aux_head", 1, 1e-3)):
+        expected = jnp.concatenate([e[i] for e in evals])
+        err = float(jnp.abs(train_outs[i] - expected).max() / jnp.abs(expected).max())
+        assert err < tol, f"{name}: train mode differs from eval mode by {err:.3g} (> {tol})"
     bn = model.backbone.conv1[1]
     assert not np.allclose(np.asarray(bn.running_var[...]), 1 - 1e-5)
