@@ -84,6 +84,30 @@ def apply_overrides(config: ml_collections.ConfigDict, overrides: Sequence[str])
             node[leaf] = value
 
 
+def split_overrides(argv: Sequence[str]) -> tuple[list[str], list[str]]:
+    """Separate ``--config.a.b=value`` / ``--config.a.b value`` overrides from the other
+    arguments: (others, overrides).
+
+    For parsers with positional arguments: argparse takes an argument holding a space
+    (``"--config.class_names=['a', 'b']"``), and the value of the two-token form, for a
+    positional, so ``parse_known_args`` alone would swap them with the real positionals.
+    """
+    others: list[str] = []
+    overrides: list[str] = []
+    args = list(argv)
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if arg.startswith(OVERRIDE_PREFIX):
+            takes_next = "=" not in arg and i + 1 < len(args)
+            overrides += args[i : i + 2] if takes_next else [arg]
+            i += 2 if takes_next else 1
+        else:
+            others.append(arg)
+            i += 1
+    return others, overrides
+
+
 def load_config(
     path: str | os.PathLike, overrides: Sequence[str] = ()
 ) -> ml_collections.ConfigDict:

@@ -18,12 +18,13 @@ import argparse
 import json
 import logging
 import os
+import sys
 from collections.abc import Sequence
 
 import cv2
 
 from nanodet_jax import cli
-from nanodet_jax.config_utils import load_config
+from nanodet_jax.config_utils import load_config, split_overrides
 from nanodet_jax.data.coco import read_image
 from nanodet_jax.model import build_model
 from nanodet_jax.predictor import Detections, Predictor
@@ -107,7 +108,8 @@ def main(argv: list[str] | None = None) -> None:
     cli.add_weight_args(p)
     p.add_argument("--out-dir", default="predictions")
     p.add_argument("--score-thr", type=float, default=0.35, help="drawing threshold")
-    args, overrides = p.parse_known_args(argv)
+    others, overrides = split_overrides(sys.argv[1:] if argv is None else argv)
+    args = p.parse_args(others)
     cli.setup_logging()
     predictor = load_predictor(
         args.config, args.torch_weights, args.checkpoint, overrides, args.step

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from nanodet_jax.config_utils import load_config
+from nanodet_jax.config_utils import load_config, split_overrides
 from nanodet_jax.model import build_model
 from tests.conftest import config_path
 
@@ -55,3 +55,12 @@ def test_unknown_override_is_an_error():
 def test_1_5x_builds_with_nanodet_key_count():
     model = build_model(load_config(config_path("nanodet_plus_m_1.5x.py")), with_aux=False)
     assert model.fpn.reduce_layers[0].conv.weight.shape == (1, 1, 176, 128)
+
+
+def test_split_overrides_keeps_positionals_apart():
+    # For parsers with positionals (predict): values with spaces and the two-token form.
+    argv = ["--config", "c.py", "--config.class_names=['a', 'b']", "x.jpg",
+            "--config.test.nms_pre", "500", "--out-dir", "o", "folder/"]  # fmt: skip
+    others, overrides = split_overrides(argv)
+    assert others == ["--config", "c.py", "x.jpg", "--out-dir", "o", "folder/"]
+    assert overrides == ["--config.class_names=['a', 'b']", "--config.test.nms_pre", "500"]
