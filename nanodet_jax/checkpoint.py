@@ -92,18 +92,7 @@ def restore_weights(
     A checkpoint of another architecture raises :class:`WeightMismatchError`.
     """
     directory = os.path.abspath(directory)
-    if not os.path.isdir(directory):
-        raise FileNotFoundError(f"{directory}: no such checkpoint directory")
-    mngr = manager(directory)
-    step = mngr.latest_step() if step is None else step
-    if step is None:
-        raise FileNotFoundError(f"{directory}: contains no orbax checkpoint steps")
-    items = mngr.item_metadata(step)
-    names = [k for k in items.keys() if items[k] is not None]
-    item = "ema" if prefer_ema and "ema" in names else "model"
-    if item not in names:
-        raise WeightMismatchError(f"{directory} step {step} has no model weights (items: {names})")
-
+    mngr, step, item, items = _open_weights(directory, step, prefer_ema)
     # The model's state may hold only the inference part (no aux branch) of a training
     # checkpoint; check shapes of what the model needs and restore just that.
     target = nnx.to_pure_dict(nnx.state(model))
@@ -128,6 +117,32 @@ def restore_weights(
     mngr.close()
     log.info(f"restored {item} weights from {directory} step {step}")
     return dict(restored["meta"] or {})
+
+
+def saved_weight_names(
+    directory: str | os.PathLike, step: int | None = None, prefer_ema: bool = True
+) -> list[str]:
+    """The dotted names of the weights :func:`restore_weights` would read (from the
+    checkpoint's metadata; no arrays are loaded), e.g. to tell whether it has the aux branch."""
+    mngr, _, item, items = _open_weights(os.path.abspath(directory), step, prefer_ema)
+    mngr.close()
+    return list(_flat_shapes(items[item].tree))
+
+
+def _open_weights(directory: str, step: int | None, prefer_ema: bool) -> tuple:
+    """(manager, step, item name, item metadata) of the weights to read from ``directory``."""
+    if not os.path.isdir(directory):
+        raise FileNotFoundError(f"{directory}: no such checkpoint directory")
+    mngr = manager(directory)
+    step = mngr.latest_step() if step is None else step
+    if step is None:
+        raise FileNotFoundError(f"{directory}: contains no orbax checkpoint steps")
+    items = mngr.item_metadata(step)
+    names = [k for k in items.keys() if items[k] is not None]
+    item = "ema" if prefer_ema and "ema" in names else "model"
+    if item not in names:
+        raise WeightMismatchError(f"{directory} step {step} has no model weights (items: {names})")
+    return mngr, step, item, items
 
 
 def _select_like(target: Any, source: Any) -> Any:
