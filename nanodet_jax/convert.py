@@ -259,7 +259,10 @@ def main(argv: list[str] | None = None) -> None:
         load_torch_weights(model, sd)
         log.info(f"read {args.torch_weights}")
     else:
-        model = build_model(config)
+        # A checkpoint written from an inference .pth (NanoDet's published weights) has
+        # no aux branch: a model with one would find its keys missing.
+        names = checkpoint.saved_weight_names(args.checkpoint, prefer_ema=not args.no_ema)
+        model = build_model(config, with_aux=any(k.startswith(AUX_PREFIXES) for k in names))
         checkpoint.restore_weights(args.checkpoint, model, prefer_ema=not args.no_ema)
     if args.out:
         checkpoint.save_weights(args.out, model, config)
