@@ -112,24 +112,43 @@ def test_lightning_checkpoint_prefers_ema(small_config):
 
 
 def test_allow_reinit_keeps_class_dependent_layers(small_config):
-    sd = random_weights(build_model(small_config, with_aux=False))
-    other = build_model(small_config, with_aux=False)
-    # Pretend the checkpoint was trained with 7 classes.
-    out_channels = 7 + 4 * 8
-    for i in range(4):
-        sd[f"head.gfl_cls.{i}.weight"] = np.zeros((out_channels, 32, 1, 1), np.float32)
-        sd[f"head.gfl_cls.{i}.bias"] = np.zeros((out_channels,), np.float32)
+    # train.py's CLASS_DEPENDENT: the outputs whose shape follows the class count.
+    class_dependent = ("head.gfl_cls.", "aux_head.gfl_cls.")
+    sd = random_weights(build_model(small_config))
+    # Pretend the checkpoint was trained with 7 classes, not 5 (2 more output channels).
+    rng = np.random.default_rng(8)
+    for k in [k for k in sd if k.startswith(class_dependent)]:
+        sd[k] = rng.normal(size=(sd[k].shape[0] + 2, *sd[k].shape[1:])).astype(np.float32)
+    other = build_model(small_config, seed=2)
     with pytest.raises(WeightMismatchError):
         load_torch_weights(other, sd)
-    report = load_torch_weights(other, sd, allow_reinit=("head.gfl_cls.",))
-    assert len(report.reinitialized) == 8
+    report = load_torch_weights(other, sd, allow_reinit=class_dependent)
+    # 4 levels x (weight, bias) in the head, one conv in the aux head.
+    assert sorted(report.reinitialized) == sorted(k for k in sd if k.startswith(class_dependent))
+    assert len(report.reinitialized) == 10
+    fresh = our_weights_in_torch_layout(build_model(small_config, seed=2))
+    loaded = our_weights_in_torch_layout(other)
+    for k, v in loaded.items():
+        if k in report.reinitialized:
+            # The fresh model's own initialisation, bit for bit ...
+            np.testing.assert_array_equal(v, fresh[k], err_msg=k)
+        else:  # ... and everything else exactly the checkpoint's.
+            np.testing.assert_array_equal(v, sd[k].astype(v.dtype), err_msg=k)
+    # ... which is NanoDet's init: normal(std 0.01) weights, bias -4.595 (sigmoid ~0.01).
+    for k in report.reinitialized:
+        if k.endswith("bias"):
+            np.testing.assert_array_equal(loaded[k], np.float32(-4.595), err_msg=k)
+        else:  # >= 1184 samples: sample std 0.01 +- 2e-4, mean 0 +- 3e-4 (and seeded)
+            std = float(loaded[k].std())
+            assert abs(std - 0.01) < 1e-3, f"{k}: std {std:.3g}, NanoDet initialises 0.01"
+            assert abs(float(loaded[k].mean())) < 1e-3, k
 
 
 @pytest.mark.needs_torch
 def test_torch_file_round_trip_and_strict_load(tmp_path, small_config):
     import torch
 
-    from nanodet_jax.convert import save_torch_weights, torch_state_dict
+    from nanodet_jax.convert import save_torch_weights
 
     model = build_model(small_config)
     sd = random_weights(model)
@@ -139,12 +158,38 @@ def test_torch_file_round_trip_and_strict_load(tmp_path, small_config):
     out = os.path.join(tmp_path, "back.pth")
     save_torch_weights(model, out)
     back = torch.load(out, weights_only=True)
-    assert list(back) == list(torch_state_dict(model))
+    assert list(back) == list(sd)  # NanoDet's keys in NanoDet's order
     for k, v in sd.items():
         assert back[k].dtype == (
             torch.int64 if k.endswith("num_batches_tracked") else torch.float32
         )
         np.testing.assert_array_equal(back[k].numpy(), v, err_msg=k)
+
+    # PyTorch's strict load: a module with exactly the original keys and shapes (what
+    # NanoDet's model has; no nanodet checkout in CI) takes the written file as is.
+    target = torch.nn.Module()
+    for k, v in sd.items():
+        *parents, leaf = k.split(".")
+        node = target
+        for name in parents:
+            if not hasattr(node, name):
+                node.add_module(name, torch.nn.Module())
+            node = getattr(node, name)
+        node.register_buffer(leaf, torch.zeros(v.shape, dtype=back[k].dtype))
+    result = target.load_state_dict(back, strict=True)
+    assert not result.missing_keys and not result.unexpected_keys
+    for k, v in target.state_dict().items():
+        np.testing.assert_array_equal(v.numpy(), sd[k], err_msg=k)
+
+    # Ours is strict the same way: one key too many or one missing (outside the aux
+    # branch, which an inference checkpoint may lack) is an error naming the key.
+    extra = {**back, "head.extra.weight": torch.zeros(3)}
+    with pytest.raises(WeightMismatchError, match=r"unexpected \(1\):\n +head\.extra\.weight"):
+        load_torch_weights(build_model(small_config), extra)
+    short = {k: v for k, v in back.items() if k != "fpn.reduce_layers.0.conv.weight"}
+    torch.save(short, path)
+    with pytest.raises(WeightMismatchError, match=r"missing \(1\):\n +fpn\.reduce_layers\.0"):
+        load_torch_weights(build_model(small_config), path)
 
 
 @pytest.mark.needs_torch
