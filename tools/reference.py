@@ -26,10 +26,11 @@ import types
 def torch_nms(boxes, scores, iou_threshold: float):
     """Greedy NMS with the semantics of torchvision's CPU kernel (``nms_kernel.cpp``).
 
-    Boxes are visited in descending score order as ATen's default (NOT stable)
-    ``sort(0, descending=True)`` orders them; torchvision's kernel calls exactly that, so
-    ties are broken identically on the same torch build (on torch 2.x CPU the default
-    sort does not keep tied elements in index order). A kept box suppresses every
+    Boxes are visited in descending score order with a *stable* sort (tied scores in
+    index order): the kernel calls ``scores.sort(/*stable=*/true, 0, /*descending=*/true)``.
+    (ATen's default ``sort`` is not stable on torch 2.x CPU: for more than 16 elements
+    it reorders ties, so using it here would make tied candidates come out in an order
+    that torchvision never produces.) A kept box suppresses every
     later box whose IoU with it is strictly greater than ``iou_threshold``. Areas,
     intersection and IoU are float32 (the boxes' dtype), IoU =
     ``inter / (area_i + area_j - inter)``; the comparison is done in float64 because
@@ -41,7 +42,7 @@ def torch_nms(boxes, scores, iou_threshold: float):
 
     if boxes.numel() == 0:
         return torch.zeros((0,), dtype=torch.long)
-    order = torch.sort(scores, 0, descending=True).indices  # torchvision: not stable
+    order = torch.sort(scores, stable=True, dim=0, descending=True).indices
     x1, y1, x2, y2 = boxes.unbind(1)
     areas = (x2 - x1) * (y2 - y1)
     suppressed = torch.zeros(len(boxes), dtype=torch.bool)
