@@ -1,11 +1,15 @@
 """Training augmentation (torch-free): matrix algebra, boxes, OpenCV-exact HSV, distributions.
 
-Parity with the PyTorch reference on the same draws is ``tools/check_augment.py``.
+Parity with the PyTorch reference on the same draws is ``tools/check_augment.py``; its
+``--record`` output ``tests/data/golden_augment.npz`` is the reference of
+:func:`test_matrix_is_the_product_in_nanodet_order`.
 """
 
 from __future__ import annotations
 
-import math
+import functools
+import json
+import os
 
 import cv2
 import jax
@@ -17,35 +21,59 @@ from nanodet_jax.default_config import NORMALIZE, nanodet_plus_config
 
 PIPELINE = nanodet_plus_config().data.train.pipeline.to_dict()
 EVERY_FACTOR = {**PIPELINE, "perspective": 0.001, "rotation": 20.0, "shear": 8.0}
-PARAMS = augment.WarpParams(
-    perspective=(3e-4, -2e-4),
-    scale=1.2,
-    stretch=(0.9, 1.1),
-    rotation=12.0,
-    shear=(4.0, -3.0),
-    flip=True,
-    translate=(0.45, 0.6),
-)
+GOLDEN_AUGMENT = os.path.join(os.path.dirname(__file__), "data", "golden_augment.npz")
 
 
-def hand_built(p: augment.WarpParams, w: int, h: int, dst_w: int, dst_h: int) -> np.ndarray:
-    c = np.array([[1, 0, -w / 2], [0, 1, -h / 2], [0, 0, 1]], float)
-    persp = np.array([[1, 0, 0], [0, 1, 0], [p.perspective[0], p.perspective[1], 1]])
-    scale = np.diag([p.scale, p.scale, 1.0])
-    stretch = np.diag([p.stretch[0], p.stretch[1], 1.0])
-    rot = np.eye(3)
-    rot[:2] = cv2.getRotationMatrix2D((0, 0), p.rotation, 1.0)
-    tx, ty = (math.tan(math.radians(a)) for a in p.shear)
-    shear = np.array([[1, tx, 0], [ty, 1, 0], [0, 0, 1]])
-    flip = np.diag([-1.0 if p.flip else 1.0, 1, 1])
-    move = np.array([[1, 0, p.translate[0] * w], [0, 1, p.translate[1] * h], [0, 0, 1]])
-    resize = np.diag([dst_w / w, dst_h / h, 1.0])
-    return resize @ move @ flip @ shear @ rot @ stretch @ scale @ persp @ c
+@functools.cache
+def golden_augment() -> tuple[dict, dict[str, np.ndarray]]:
+    with np.load(GOLDEN_AUGMENT) as z:
+        arrays = {k: z[k] for k in z.files}
+    return json.loads(str(arrays.pop("meta"))), arrays
 
 
 def test_matrix_is_the_product_in_nanodet_order():
-    m = augment.warp_matrix(PARAMS, (640, 480), (320, 320), keep_ratio=False)
-    np.testing.assert_allclose(m, hand_built(PARAMS, 640, 480, 320, 320), rtol=1e-12, atol=1e-12)
+    """Matrices, boxes, warped and normalised images equal NanoDet's on the same draws.
+
+    Golden: ``tests/data/golden_augment.npz``, written by
+    ``python tools/check_augment.py /path/to/nanodet --record tests/data/golden_augment.npz``
+    (seed 0): NanoDet's ``ShapeTransform`` and ``color_aug_and_norm`` fed the recorded
+    U[0, 1) numbers through a scripted ``random``, on two seeded 40x56 / 36x64 images,
+    for the shipped pipeline, every factor on (perspective, rotation, shear, translate)
+    and a colour stress config, each with keep_ratio False and True (warped to at most
+    48x64). Recorded here: the float64 matrices exactly, boxes and uint8 images exactly;
+    normalised images to float32 rounding (XLA's reciprocal divide, OpenCV's FMA).
+    """
+    meta, g = golden_augment()
+    assert len(meta["trials"]) == 12 and {t["config"] for t in meta["trials"]} == {
+        "nanodet-plus",
+        "all-factors",
+        "colour-stress",
+    }
+    input_wh = tuple(meta["input_wh"])
+    normalised = 0
+    for t, trial in enumerate(meta["trials"]):
+        cfg, keep, key = meta["configs"][trial["config"]], trial["keep_ratio"], f"trial{t}"
+        img, boxes = g[f"source{trial['source']}/image"], g[f"source{trial['source']}/boxes"]
+        params = augment.warp_params_from_uniforms(g[f"{key}/u_warp"], cfg)
+        out, warped, m = augment.shape_transform(img, boxes, params, input_wh, keep)
+        msg = f"{key} ({trial})"
+        np.testing.assert_allclose(m, g[f"{key}/matrix"], rtol=1e-12, atol=1e-12, err_msg=msg)
+        np.testing.assert_allclose(warped, g[f"{key}/boxes"], rtol=0, atol=1e-4, err_msg=msg)
+        assert out.shape == g[f"{key}/image"].shape, msg
+        np.testing.assert_array_equal(out, g[f"{key}/image"], err_msg=msg)
+        if f"{key}/normalised" in g:
+            normalised += 1
+            mean, std = (tuple(v) for v in cfg["normalize"])
+            color = augment.color_params_from_uniforms(g[f"{key}/u_color"], cfg)
+            assert np.all(color[[augment.CONTRAST, augment.SATURATION_ON]] != [1, 0]), msg
+            ours = jax.jit(augment.color_augment_and_normalize, static_argnums=(2, 3))(
+                g[f"{key}/image"][None], color[None], mean, std
+            )
+            atol = 3e-5 if trial["config"] == "colour-stress" else 5e-6
+            np.testing.assert_allclose(
+                np.asarray(ours)[0], g[f"{key}/normalised"], rtol=2e-6, atol=atol, err_msg=msg
+            )
+    assert normalised == 2
 
 
 def test_identity_params_give_the_resize_matrix():
