@@ -7,11 +7,19 @@ Builds our model (with the aux branch) with random weights, writes them with
 ``save_torch_weights`` (plain and ``wrap=True``), loads the plain file into NanoDet's
 NanoDetPlus with ``load_state_dict(strict=True)`` and the wrapped one through NanoDet's
 ``load_model_weight``, and compares eval-mode head outputs on a random image.
+
+    python tools/check_export_torch.py /path/to/nanodet \\
+        --record-keys tests/data/golden_torch_keys.json
+
+instead records, for every config in :data:`CONFIGS`, the ordered keys, shapes and dtypes
+of NanoDet's own ``NanoDetPlus(...).state_dict()`` (what ``strict=True`` checks), one
+entry per distinct architecture, for ``tests/test_export_torch.py``.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import tempfile
@@ -32,12 +40,57 @@ from nanodet_jax.model import build_model  # noqa: E402
 from nanodet_jax.testing import random_state_dict  # noqa: E402
 from tools.reference import load_reference  # noqa: E402
 
+CONFIGS = (
+    "configs/nanodet_plus_m.py",
+    "configs/nanodet_plus_m_416.py",
+    "configs/nanodet_plus_m_1.5x.py",
+    "configs/nanodet_plus_m_1.5x_416.py",
+)
+
+
+def record_keys(nanodet: str, path: str) -> dict:
+    """Write NanoDet's state_dict layout (key, shape, dtype, in order) per config to ``path``."""
+    ref = load_reference(nanodet)
+    archs: dict[str, list] = {}
+    by_config: dict[str, str] = {}
+    for cfg_path in CONFIGS:
+        model = ref.build_model(load_config(os.path.join(REPO, cfg_path)).model.arch.to_dict())
+        layout = [
+            [k, list(v.shape), str(v.dtype).removeprefix("torch.")]
+            for k, v in model.state_dict().items()
+        ]
+        name = next((n for n, keys in archs.items() if keys == layout), None)
+        if name is None:
+            name = os.path.splitext(os.path.basename(cfg_path))[0]
+            archs[name] = layout
+        by_config[cfg_path] = name
+    # One key per line: small diffs when the reference changes.
+    lines = [
+        "{",
+        f'  "tool": {json.dumps("tools/check_export_torch.py --record-keys")},',
+        f'  "configs": {json.dumps(by_config)},',
+        '  "architectures": {',
+    ]
+    for i, (name, layout) in enumerate(archs.items()):
+        rows = ",\n".join(f"      {json.dumps(row)}" for row in layout)
+        lines.append(f'    "{name}": [\n{rows}\n    ]{"," if i < len(archs) - 1 else ""}')
+    lines += ["  }", "}"]
+    with open(path, "w") as f:
+        f.write("\n".join(lines) + "\n")
+    print(f"wrote {path}: " + ", ".join(f"{n} {len(k)} keys" for n, k in archs.items()))
+    with open(path) as f:
+        return json.load(f)
+
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("nanodet")
     p.add_argument("--config", default=os.path.join(REPO, "configs", "nanodet_plus_m.py"))
+    p.add_argument("--record-keys", metavar="JSON", help="write NanoDet's state_dict layout")
     args = p.parse_args()
+    if args.record_keys:
+        record_keys(args.nanodet, args.record_keys)
+        return
     import jax.numpy as jnp
     import torch
 
