@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import numpy as np
+import optax
 import pytest
+from flax import nnx
 
-from nanodet_jax import checkpoint
+from nanodet_jax import checkpoint, trainer
 from nanodet_jax.convert import WeightMismatchError, load_torch_weights, model_variables
 from nanodet_jax.model import build_model
 from tests.test_convert import random_weights
@@ -28,14 +30,27 @@ def test_save_restore_exact(tmp_path, small_config):
 
 
 def test_inference_model_restores_from_training_checkpoint(tmp_path, small_config):
-    full = build_model(small_config, seed=1)
-    checkpoint.save_weights(tmp_path / "ckpt", full, small_config)
-    inference = build_model(small_config, with_aux=False, seed=3)
-    checkpoint.restore_weights(tmp_path / "ckpt", inference)
-    np.testing.assert_array_equal(
-        np.asarray(inference.head.gfl_cls[0].weight[...]),
-        np.asarray(full.head.gfl_cls[0].weight[...]),
-    )
+    """A training checkpoint (raw weights, EMA, optimizer) restores into an inference
+    model: every tensor, parameters and BatchNorm statistics, from the EMA item (what
+    evaluation uses), or from the raw weights with prefer_ema=False."""
+    raw = build_model(small_config, seed=1)
+    load_torch_weights(raw, random_weights(raw, seed=9))
+    ema = build_model(small_config, seed=1)
+    load_torch_weights(ema, random_weights(ema, seed=10))
+    _, state = trainer.create_train_state(raw, optax.sgd(0.1))
+    state = state.replace(ema=nnx.state(ema))
+    mngr = checkpoint.train_manager(tmp_path / "ckpt", keep=1)
+    checkpoint.save_train_state(mngr, state, {"epoch": 1})
+    mngr.wait_until_finished()
+    mngr.close()
+    for prefer_ema, source in ((True, ema), (False, raw)):
+        inference = build_model(small_config, with_aux=False, seed=3)
+        checkpoint.restore_weights(tmp_path / "ckpt", inference, prefer_ema=prefer_ema)
+        got, expected = values(inference), values(source)
+        assert set(got) == {k for k in expected if not k.startswith(("aux_fpn.", "aux_head."))}
+        assert any(k.endswith("running_var") for k in got)
+        for k, v in got.items():
+            np.testing.assert_array_equal(v, expected[k], err_msg=f"{k} (prefer_ema={prefer_ema})")
 
 
 def test_wrong_architecture_checkpoint(tmp_path, small_config, m_config):
