@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import json
+import os
+
+import numpy as np
 import pytest
 
 from nanodet_jax.config_utils import load_config, split_overrides
+from nanodet_jax.convert import model_variables, to_torch_layout
 from nanodet_jax.model import build_model
-from tests.conftest import config_path
+from tests.conftest import REPO, config_path
 
 NANODET_VALUES = {
     # file: (model_size, input size, PAN channels, aux channels) from NanoDet's yml files
@@ -53,8 +58,26 @@ def test_unknown_override_is_an_error():
 
 
 def test_1_5x_builds_with_nanodet_key_count():
-    model = build_model(load_config(config_path("nanodet_plus_m_1.5x.py")), with_aux=False)
-    assert model.fpn.reduce_layers[0].conv.weight.shape == (1, 1, 176, 128)
+    """Every key, in order, with its shape, of NanoDet's own NanoDetPlus 1.5x state_dict
+    (recorded from a nanodet checkout: tests/data/golden_torch_keys.json, see
+    tools/check_export_torch.py --record-keys); the inference model is that minus the
+    aux branch."""
+    with open(os.path.join(REPO, "tests", "data", "golden_torch_keys.json")) as f:
+        golden = json.load(f)
+    layout = golden["architectures"][golden["configs"]["configs/nanodet_plus_m_1.5x.py"]]
+    expected = [(k, tuple(shape)) for k, shape, _ in layout]
+    assert len(expected) == 887  # NanoDet's count, aux branch included
+    model = build_model(load_config(config_path("nanodet_plus_m_1.5x.py")))
+    got = [
+        (k, to_torch_layout(np.asarray(v[...])).shape) for k, v in model_variables(model).items()
+    ]
+    assert len(got) == len(expected), (len(got), len(expected))
+    wrong = [f"{g} != NanoDet's {e}" for g, e in zip(got, expected) if g != e]
+    assert not wrong, f"{len(wrong)} keys differ: " + "; ".join(wrong[:3])
+    inference = build_model(load_config(config_path("nanodet_plus_m_1.5x.py")), with_aux=False)
+    assert list(model_variables(inference)) == [
+        k for k, _ in expected if not k.startswith(("aux_fpn.", "aux_head."))
+    ]
 
 
 def test_split_overrides_keeps_positionals_apart():
