@@ -6,7 +6,8 @@ Usage (from the repository root, with torch installed)::
         --config configs/nanodet_plus_m_416.py --weights nanodet-plus-m_416.pth \\
         --ann data/coco/annotations/instances_val2017.json --img-dir data/coco/val2017 \\
         [--batch-size 8] [--workers 0] [--out-json dets.json] [--save-raw raw.npz] \\
-        [--save-inputs] [--config.a.b=value ...]
+        [--save-inputs] [--golden tests/data/golden_coco_tiny.json.gz]
+        [--config.a.b=value ...]
 
 ``/path/to/nanodet`` is a checkout of RangiLyu/nanodet; everything on the data and
 model path is NanoDet's code, driven the way its ``tools/test.py`` / ``TrainingTask``
@@ -30,6 +31,19 @@ detections (COCO results format); ``--save-raw`` writes an npz with, per image i
 raw head output ``raw/<id>`` [num_priors, num_classes + 4 * (reg_max + 1)] and the
 warp matrix ``warp/<id>`` (with ``--save-inputs`` also the network input
 ``input/<id>``, NHWC float32), plus ``image_ids`` and ``input_hw``.
+
+``--golden FILE`` (``.json`` or ``.json.gz``) merges this run into a golden file for
+tests: under ``runs[<config file name>]`` the 12 COCOeval numbers at full precision
+(JSON floats round-trip float64 exactly), the weights' and annotations' file names, the image count,
+and every detection as a row ``[image_id, category_id, x, y, w, h, score]`` in
+results2json order, boxes rounded to ``--golden-box-decimals`` (default 4: 1e-4 px) and
+scores to ``--golden-score-decimals`` (default 7); the roundings are recorded. Other
+configs' entries already in the file are kept, so the 320 and 416 runs share one file::
+
+    python tools/reference_eval.py /path/to/nanodet --config configs/nanodet_plus_m.py \\
+        --weights ../shared/data/weights/nanodet-plus-m_320.pth \\
+        --ann ../shared/data/coco_tiny/annotations/instances_val2017.json \\
+        --img-dir ../shared/data/coco_tiny/val2017 --golden tests/data/golden_coco_tiny.json.gz
 """
 
 from __future__ import annotations
@@ -37,6 +51,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import gzip
 import io
 import json
 import os
@@ -188,6 +203,63 @@ def coco_evaluate(ref: Reference, dataset, results: dict) -> tuple[list[dict], n
     return dets, stats, summary.getvalue()
 
 
+def reference_commit(ref_path: str) -> str | None:
+    """The checked-out commit of the reference (``None`` if it is not a git checkout)."""
+    import subprocess
+
+    try:
+        out = subprocess.run(
+            ["git", "-C", ref_path, "rev-parse", "HEAD"], capture_output=True, text=True
+        )
+    except OSError:
+        return None
+    return (out.stdout.strip() or None) if out.returncode == 0 else None
+
+
+def write_golden(
+    path: str,
+    run: str,
+    dets: list[dict],
+    stats: np.ndarray,
+    info: dict[str, Any],
+    box_decimals: int,
+    score_decimals: int,
+) -> None:
+    """Merge one run (stats at full precision, rounded detections) into the golden ``path``."""
+    golden: dict[str, Any] = {}
+    gz = path.endswith(".gz")
+    if os.path.exists(path):
+        with open(path, "rb") as f:
+            data = f.read()
+        golden = json.loads(gzip.decompress(data) if gz else data)
+    golden["about"] = (
+        "NanoDet's own val pipeline (tools/reference_eval.py --golden): COCOeval stats at "
+        "full precision and detections as [image_id, category_id, x, y, w, h, score]"
+    )
+    golden["stat_names"] = list(STAT_NAMES)
+    rows = [
+        [
+            int(d["image_id"]),
+            int(d["category_id"]),
+            *(round(float(v), box_decimals) for v in d["bbox"]),
+            round(float(d["score"]), score_decimals),
+        ]
+        for d in dets
+    ]
+    golden.setdefault("runs", {})[run] = {
+        **info,
+        "stats": [float(v) for v in stats],
+        "num_detections": len(rows),
+        "box_decimals": box_decimals,
+        "score_decimals": score_decimals,
+        "detections": rows,
+    }
+    golden["runs"] = dict(sorted(golden["runs"].items()))
+    data = json.dumps(golden, separators=(",", ":")).encode() + b"\n"
+    with open(path, "wb") as f:
+        f.write(gzip.compress(data, compresslevel=9, mtime=0) if gz else data)
+
+
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("ref_path", help="checkout of RangiLyu/nanodet")
@@ -201,6 +273,9 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--out-json", help="write the detections (COCO results format)")
     p.add_argument("--save-raw", help="write raw head outputs per image id to this npz")
     p.add_argument("--save-inputs", action="store_true", help="with --save-raw: inputs too")
+    p.add_argument("--golden", help="merge stats + detections into this .json(.gz) golden")
+    p.add_argument("--golden-box-decimals", type=int, default=4)
+    p.add_argument("--golden-score-decimals", type=int, default=7)
     args, overrides = p.parse_known_args(argv)
     config = load_config(args.config, overrides)
 
@@ -231,6 +306,7 @@ def main(argv: list[str] | None = None) -> dict:
     for name, value in zip(STAT_NAMES, stats):
         print(f"  {name:18s} {value:.4f}")
     print(f"mAP = {stats[0]:.4f}  ({len(dets)} detections)")
+    print("full precision:", json.dumps([float(v) for v in stats]))
     print(
         f"wall time {t3 - t0:.1f}s: setup {t1 - t0:.1f}s, inference+post-process "
         f"{t2 - t1:.1f}s, COCOeval {t3 - t2:.1f}s"
@@ -242,6 +318,26 @@ def main(argv: list[str] | None = None) -> dict:
     if args.save_raw:
         np.savez(args.save_raw, **raw)
         print(f"wrote {args.save_raw}")
+    if args.golden:
+        info = {
+            "weights": os.path.basename(args.weights),
+            "ann": os.path.basename(args.ann),
+            "num_images": len(dataset),
+            "overrides": list(overrides),
+            "reference_commit": reference_commit(args.ref_path),
+            "torch": torch.__version__,
+        }
+        run = os.path.basename(args.config)
+        write_golden(
+            args.golden,
+            run,
+            dets,
+            stats,
+            info,
+            args.golden_box_decimals,
+            args.golden_score_decimals,
+        )
+        print(f"wrote {run} into {args.golden}")
     return {"stats": stats.tolist(), "num_detections": len(dets), "wall_s": t3 - t0}
 
 
