@@ -27,11 +27,19 @@ def base(tmp_path_factory):
     return out, coco
 
 
-def run(capsys, out, coco: dict, name: str, *extra: str) -> tuple[int, str]:
-    ann = out / f"{name}.json"
-    ann.write_text(json.dumps(coco))
-    args = [f"--config.data.train.ann_file={ann}", f"--config.data.train.img_dir={out / 'train'}"]
-    code = check.main(["--config", CONFIG, "--split", "train", CLASSES, *args, *extra])
+def run(
+    capsys, out, coco: dict, name: str, *extra: str, val: dict | None = None
+) -> tuple[int, str]:
+    """The check on ``coco`` as the train split (and ``val`` as the val split: ``--split both``)."""
+    args = []
+    for role, split in (("train", coco), ("val", val)):
+        if split is not None:
+            ann = out / f"{name}_{role}.json"
+            ann.write_text(json.dumps(split))
+            args += [f"--config.data.{role}.ann_file={ann}",
+                     f"--config.data.{role}.img_dir={out / 'train'}"]  # fmt: skip
+    which = "train" if val is None else "both"
+    code = check.main(["--config", CONFIG, "--split", which, CLASSES, *args, *extra])
     return code, capsys.readouterr().out
 
 
@@ -85,6 +93,35 @@ def test_planted_fault_fails(base, capsys, fault):
     lines = [line for line in text.splitlines() if named in line]
     assert any(heading in part for part in text.split("ERROR: ")[1:]), text
     assert lines, f"{named!r} not named in:\n{text}"
+
+
+def _first_images(coco: dict, n: int) -> dict:
+    """The first ``n`` images of ``coco`` and their annotations (a val split of the same files)."""
+    ids = {img["id"] for img in coco["images"][:n]}
+    return {**coco, "images": coco["images"][:n],
+            "annotations": [a for a in coco["annotations"] if a["image_id"] in ids]}  # fmt: skip
+
+
+def test_split_both_reports_each_split(base, capsys):
+    out, coco = base
+    val = _first_images(coco, 3)
+    code, text = run(capsys, out, coco, "both_clean", val=val)
+    assert code == 0, text
+    train_part, val_part = text.split("== val: ")
+    assert train_part.startswith("== train: 6 images") and "ERROR" not in train_part, text
+    assert val_part.startswith("3 images") and "no problems found" in val_part, text
+    assert text.rstrip().endswith("0 errors"), text
+    # One fault in each split: each reported under its own split, both counted.
+    bad_train, bad_val = copy.deepcopy(coco), copy.deepcopy(val)
+    FAULTS["zero-area box"][0](bad_train)  # image id 3
+    FAULTS["box outside"][0](bad_val)  # image id 2
+    code, text = run(capsys, out, bad_train, "both_faulty", val=bad_val)
+    assert code == 1, text
+    train_part, val_part = text.split("== val: ")
+    assert "ERROR: degenerate boxes (zero/negative area): 1" in train_part, text
+    assert "ERROR: boxes outside the image: 1" in val_part and "image id 2" in val_part, text
+    assert "outside" not in train_part and "degenerate" not in val_part, text
+    assert text.rstrip().endswith("2 errors: this dataset would not train correctly"), text
 
 
 def _check_train_split(dataset: str, ann, img_dir, capsys) -> tuple[int, str]:
