@@ -97,10 +97,9 @@ def init_weights(model, source: str) -> None:
         return
     report = load_torch_weights(model, source, allow_reinit=CLASS_DEPENDENT)
     if report.reinitialized:
-        log.warning(
-            f"class count differs from {source}: re-initialised "
-            f"{', '.join(sorted({k.rsplit('.', 2)[0] for k in report.reinitialized}))}"
-        )
+        layers = [p.rstrip(".") for p in CLASS_DEPENDENT
+                  if any(k.startswith(p) for k in report.reinitialized)]  # fmt: skip
+        log.warning(f"class count differs from {source}: re-initialised {', '.join(layers)}")
     if report.missing_aux:
         log.info(
             "the weights have no aux branch (inference checkpoint): aux_fpn/aux_head start fresh"
