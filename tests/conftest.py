@@ -1,6 +1,6 @@
 """Shared fixtures: configs, small models and the real data in ``../shared`` (skipped if absent).
 
-Under ``CI=true`` a missing prerequisite (the real data, a C++ compiler) fails the tests
+Under ``CI=true`` a missing prerequisite (the real data, a C++ compiler, torch) fails the tests
 that need it instead of skipping them: CI must not lose coverage without anyone noticing.
 """
 
@@ -64,6 +64,17 @@ def ffi_ok() -> bool:
 
 
 @pytest.fixture(scope="session")
+def shapes(tmp_path_factory):
+    """A tiny generated COCO dataset (24 train / 4 val images, 3 classes) for train.py runs;
+    shared so that every run on it compiles the same programs (persistent XLA cache)."""
+    from nanodet_jax.data.synthetic import write_dataset
+
+    out = tmp_path_factory.mktemp("shapes")
+    write_dataset(str(out), num_train=24, num_val=4, size=128, seed=3)
+    return out
+
+
+@pytest.fixture(scope="session")
 def small_config():
     """A narrow 5-class NanoDet-Plus config (fast to build and compile)."""
     return load_config(config_path("nanodet_plus_m.py"), SMALL_MODEL_OVERRIDES)
@@ -81,10 +92,15 @@ def m_config():
 
 
 def pytest_collection_modifyitems(config, items):
-    # torch-dependent tests skip cleanly when the optional extra is not installed.
+    # torch-dependent tests skip cleanly when the optional extra is not installed
+    # (under CI, which installs it, its absence stops the run instead).
     try:
         import torch  # noqa: F401
     except ImportError:
+        if CI and any("needs_torch" in item.keywords for item in items):
+            raise pytest.UsageError(
+                "CI=true but torch is not installed: the needs_torch tests would be skipped"
+            ) from None
         skip = pytest.mark.skip(reason="needs torch (pip install 'nanodet-jax[torch]')")
         for item in items:
             if "needs_torch" in item.keywords:

@@ -65,3 +65,27 @@ def test_without_ci_a_missing_prerequisite_skips(monkeypatch: pytest.MonkeyPatch
     monkeypatch.setattr(conftest, "CI", True)
     with pytest.raises(pytest.fail.Exception, match="^CI=true but no C\\+\\+ compiler: the FFI"):
         conftest.skip_unless_ci("no C++ compiler", "the FFI kernel tests would be skipped")
+
+
+def test_ci_without_torch_stops_the_run(tmp_path: Path) -> None:
+    """torch hidden by a stand-in package that fails to import: the needs_torch tests
+    would be skipped, so under CI the run stops at collection with one line."""
+    (tmp_path / "test_tiny.py").write_text(
+        "import pytest\n\n\n@pytest.mark.needs_torch\ndef test_with_torch():\n    pass\n"
+    )
+    fake = tmp_path / "fake" / "torch"
+    fake.mkdir(parents=True)
+    (fake / "__init__.py").write_text("raise ImportError('torch hidden by the test')\n")
+    env = {**os.environ, "CI": "true", "PYTHONPATH": str(tmp_path / "fake")}
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "tests.conftest", "-p", "no:cacheprovider"]
+    run = subprocess.run(
+        [*cmd, str(tmp_path / "test_tiny.py")],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    out = run.stdout + run.stderr
+    assert run.returncode != 0, out
+    assert "CI=true but torch is not installed: the needs_torch tests would be skipped" in out
