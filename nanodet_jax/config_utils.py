@@ -111,6 +111,11 @@ def split_overrides(argv: Sequence[str]) -> tuple[list[str], list[str]]:
 def load_config(
     path: str | os.PathLike, overrides: Sequence[str] = ()
 ) -> ml_collections.ConfigDict:
-    config = load_config_file(path)
+    if os.fspath(path).lower().endswith((".yml", ".yaml")):  # NanoDet's own config files
+        from nanodet_jax.nanodet_yml import load_nanodet_yml
+
+        config = load_nanodet_yml(path)
+    else:
+        config = load_config_file(path)
     apply_overrides(config, overrides)
     return config
