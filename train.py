@@ -37,6 +37,7 @@ from nanodet_jax.data.pipeline import train_loader_from_config
 from nanodet_jax.model import build_model
 from nanodet_jax.optim import build_optimizer, lr_schedule
 from nanodet_jax.predictor import Predictor
+from nanodet_jax.pretrained import load_pretrained_for_training
 from nanodet_jax.testing import array_digest
 from nanodet_jax.training_log import TrainingLog
 
@@ -162,7 +163,11 @@ def main(argv=None) -> None:
     epochs = int(config.schedule.total_epochs)
     total_steps = min(epochs * steps_per_epoch, args.max_steps or 1 << 62)
 
+    mngr = checkpoint.train_manager(
+        os.path.join(workdir, "checkpoints"), int(config.checkpoint.keep)
+    )
     model = build_model(config, seed=int(config.seed))
+    load_pretrained_for_training(model, config, resuming=mngr.latest_step() is not None)
     if config.get("init_from"):
         init_weights(model, config.init_from)
         if int(config.get("init_bn_recalibration_images", 0)):
@@ -173,9 +178,6 @@ def main(argv=None) -> None:
     del model
     state = jax.device_put(state, distributed.replicated(mesh))
 
-    mngr = checkpoint.train_manager(
-        os.path.join(workdir, "checkpoints"), int(config.checkpoint.keep)
-    )
     history = TrainingLog(workdir, enabled=main_process, progress_bar=cli.progress_enabled())
     best_map = -1.0
     if mngr.latest_step() is not None:

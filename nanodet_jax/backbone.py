@@ -96,6 +96,9 @@ class ShuffleNetV2(nnx.Module):
         with_last_conv: bool = False,
         kernal_size: int = 3,  # NanoDet's (misspelt) argument; the blocks always use 3x3
         activation: str = "ReLU",
+        # NanoDet's ImageNet switch, accepted so its configs build; the weights are loaded
+        # after the build by nanodet_jax.pretrained (construction reads no files).
+        pretrain: bool | str | None = None,
         *,
         rngs: nnx.Rngs,
     ):
@@ -106,6 +109,7 @@ class ShuffleNetV2(nnx.Module):
         if with_last_conv:
             raise NotImplementedError("with_last_conv=True is not used by NanoDet-Plus")
         self.out_stages = tuple(out_stages)
+        self.model_size = model_size  # which torchvision checkpoint fits (pretrained.py)
         channels = STAGE_OUT_CHANNELS[model_size]
         self.conv1 = Sequential(
             [

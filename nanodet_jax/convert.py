@@ -138,6 +138,8 @@ def load_torch_weights(
     *,
     prefer_ema: bool = True,
     allow_reinit: tuple[str, ...] = (),
+    source: str | None = None,
+    hint: str | None = None,
 ) -> LoadReport:
     """Load PyTorch NanoDet weights into ``model`` in place.
 
@@ -147,8 +149,11 @@ def load_torch_weights(
     the wrong shape, raise :class:`WeightMismatchError` listing all of them —
     unless a mismatched key starts with one of ``allow_reinit`` (used when
     fine-tuning to a different class count), in which case it keeps its init.
+    ``source`` names the weights in messages (default: the path), ``hint`` replaces the
+    error's closing advice.
     """
-    source = str(weights) if isinstance(weights, (str, os.PathLike)) else "a state_dict"
+    if source is None:
+        source = str(weights) if isinstance(weights, (str, os.PathLike)) else "a state_dict"
     raw = read_torch_file(weights) if isinstance(weights, (str, os.PathLike)) else weights
     state, which = extract_state_dict(raw, prefer_ema)
     if which != "state_dict":
@@ -191,9 +196,8 @@ def load_torch_weights(
                 )
                 lines.append(f"  {title} ({len(items)}):")
                 lines += [f"    {s}" for s in shown]
-        lines.append(
-            "  (check that --config matches the architecture the weights were trained with)"
-        )
+        hint = hint or "check that --config matches the architecture the weights were trained with"
+        lines.append(f"  ({hint})")
         raise WeightMismatchError("\n".join(lines))
 
     loaded = []

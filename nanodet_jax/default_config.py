@@ -118,6 +118,9 @@ def nanodet_plus_config(
             "model_size": model_size,
             "out_stages": [2, 3, 4],
             "activation": "LeakyReLU",
+            # NanoDet's default is True (torchvision's ImageNet weights, downloaded); here
+            # None: random init. True or a .pth path: see nanodet_jax/pretrained.py.
+            "pretrain": None,
         },
         "fpn": {
             "name": "GhostPAN",
