@@ -1,0 +1,148 @@
+"""How far our float32 training gradients are from a float64 run, against PyTorch's own.
+
+Usage (from the repository root, torch installed)::
+
+    python tools/grad_precision.py /path/to/nanodet [--config configs/nanodet_plus_m.py]
+        [--size 416] [--batch 3] [--seed 3]
+
+NanoDet-Plus with its real class count and activations is filled with
+``random_state_dict`` (every norm affine and running statistic randomised) and run in
+train mode (BatchNorm on batch statistics) on a seeded N(0, 1) batch with the ground
+truth of ``tools/make_golden_train.py``, in both AGM phases, three times: NanoDet in
+float32, NanoDet in float64, and ours (float32; set ``NANODET_JAX_DEPTHWISE=lax
+NANODET_JAX_CONV3X3=lax`` for the XLA path GPUs and TPUs take). For every parameter it
+prints ``d = max|g - g64| / max|g64|`` of both float32 runs and flags those where ours is
+further than ``max(2 * d_torch, 1e-5)``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import functools
+import os
+import sys
+
+import numpy as np
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if REPO not in sys.path:
+    sys.path.insert(0, REPO)
+
+from nanodet_jax.config_utils import load_config  # noqa: E402
+from nanodet_jax.testing import normal_input, random_state_dict  # noqa: E402
+from tools import make_golden_train as golden_train  # noqa: E402
+from tools.make_golden import rel_error  # noqa: E402
+from tools.reference import load_reference  # noqa: E402
+
+PHASES = ("joint", "detached")
+
+
+def torch_gradients(ref, arch, weights, x, gts) -> tuple[dict, dict]:
+    """NanoDet's gradients of every parameter per phase, float32 and float64."""
+    import torch
+
+    tm = ref.build_model(arch.to_dict())
+    tm.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in weights.items()})
+    tm64 = copy.deepcopy(tm).double()
+    golden_train.GRAD_PARAMS = tuple(k for k, _ in tm.named_parameters())
+    out32, out64 = {}, {}
+    for phase in PHASES:
+        epoch = 0 if phase == "joint" else arch.detach_epoch
+        out32[phase] = golden_train.run_phase(tm, x, gts, epoch)[2]
+        out64[phase] = golden_train.run_phase(tm64, x, gts, epoch)[2]
+    return out32, out64
+
+
+def our_gradients(config, weights, x, gts) -> dict:
+    """Our float32 gradients of every parameter per phase (PyTorch names and layout)."""
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from nanodet_jax.box_ops import center_priors
+    from nanodet_jax.convert import load_torch_weights, model_variables, to_torch_layout
+    from nanodet_jax.losses import nanodet_plus_loss
+    from nanodet_jax.model import build_model
+
+    arch = config.model.arch
+    model = build_model(config, with_aux=True)
+    load_torch_weights(model, weights)
+    model.train()
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    priors = jnp.asarray(center_priors(x.shape[2:], arch.head.strides))
+    padded = golden_train.pad_ground_truth(gts)
+    num_classes, reg_max = int(arch.head.num_classes), int(arch.head.reg_max)
+    images = jnp.asarray(x.transpose(0, 2, 3, 1))
+
+    @functools.partial(jax.jit, static_argnums=1)
+    def grads_of(params, detach: bool):
+        def total(params):
+            m = nnx.merge(graphdef, params, rest, copy=True)
+            head_out, aux_out = m.forward_train(images, detach_aux=detach)
+            loss, _ = nanodet_plus_loss(
+                head_out, aux_out, padded["gt_boxes"], padded["gt_labels"],
+                padded["gt_mask"], priors, arch.head.loss, num_classes, reg_max,
+            )  # fmt: skip
+            return loss
+
+        grads = jax.grad(total)(params)
+        named = model_variables(nnx.merge(graphdef, grads, rest, copy=True))
+        return {k: v[...] for k, v in named.items() if isinstance(v, nnx.Param)}
+
+    out = {}
+    for phase in PHASES:
+        grads = jax.device_get(grads_of(params, phase == "detached"))
+        out[phase] = {k: to_torch_layout(np.asarray(v, np.float64)) for k, v in grads.items()}
+    return out
+
+
+def report(ours: dict, torch32: dict, torch64: dict, top: int) -> int:
+    """Print the worst parameters per phase; return how many miss the bound."""
+    missing = 0
+    for phase in PHASES:
+        rows = []
+        for k, ref in torch64[phase].items():
+            d_ours = rel_error(ours[phase][k], ref)
+            d_torch = rel_error(torch32[phase][k], ref)
+            bound = max(2 * d_torch, 1e-5)
+            rows.append((d_ours / bound, d_ours, d_torch, k))
+        rows.sort(reverse=True)
+        bad = sum(r[0] > 1 for r in rows)
+        missing += bad
+        print(f"{phase}: {bad} of {len(rows)} parameters beyond max(2 x torch, 1e-5)")
+        for ratio, d_ours, d_torch, k in rows[:top]:
+            print(f"  {k:60s} ours {d_ours:.2e}  torch f32 {d_torch:.2e}  ratio {ratio:.2f}")
+    return missing
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("ref_path", help="checkout of RangiLyu/nanodet")
+    p.add_argument("--config", default=os.path.join(REPO, "configs", "nanodet_plus_m.py"))
+    p.add_argument("--size", type=int, default=416)
+    p.add_argument("--batch", type=int, default=3)
+    p.add_argument("--seed", type=int, default=golden_train.WEIGHT_SEED)
+    p.add_argument("--top", type=int, default=8)
+    args = p.parse_args(argv)
+
+    import torch
+
+    torch.manual_seed(0)
+    config = load_config(args.config)
+    arch = config.model.arch
+    ref = load_reference(args.ref_path)
+    shapes = {k: tuple(v.shape) for k, v in ref.build_model(arch.to_dict()).state_dict().items()}
+    weights = random_state_dict(shapes, args.seed)
+    x = normal_input(golden_train.INPUT_SEED, (args.batch, 3, args.size, args.size))
+    gts = golden_train.make_ground_truth(args.size, args.size)[: args.batch]
+    torch32, torch64 = torch_gradients(ref, arch, weights, x, gts)
+    ours = our_gradients(config, weights, x, gts)
+    paths = {k: os.environ.get(k, "auto") for k in ("NANODET_JAX_DEPTHWISE", "NANODET_JAX_CONV3X3")}
+    print(f"{os.path.basename(args.config)} at {args.size}, batch {args.batch}, kernels {paths}")
+    missing = report(ours, torch32, torch64, args.top)
+    sys.exit(1 if missing else 0)
+
+
+if __name__ == "__main__":
+    main()
