@@ -216,6 +216,16 @@ def nanodet_plus_config(
     }
 
     c.device = {"batch_size_per_device": 96, "workers": 4, "precision": "fp32"}
+    # NanoDet's schedule (optim.py, schedules.py, param_groups.py; PyTorch's semantics):
+    # optimizer.name: AdamW | Adam (betas, eps, weight_decay) | SGD (momentum, dampening,
+    #   nesterov, weight_decay); absent keys take torch.optim's defaults. Optional extras:
+    #   no_norm_decay / no_bias_decay (bool), param_level_cfg {substring of a parameter
+    #   name (no dots): {lr_mult, decay_mult}}; keys must match disjoint parameters
+    #   (NanoDet's first-match order is lost: a ConfigDict sorts its keys).
+    # warmup.name: constant | linear | exp, per step, overwriting the scheduled lr.
+    # lr_schedule.name, stepped per epoch: CosineAnnealingLR (T_max, eta_min) |
+    #   MultiStepLR (milestones, gamma), e.g. {"name": "MultiStepLR",
+    #   "milestones": [240, 260, 275], "gamma": 0.1} with SGD lr 0.14, momentum 0.9.
     c.schedule = {
         "optimizer": {"name": "AdamW", "lr": 0.001, "weight_decay": 0.05},
         "warmup": {"name": "linear", "steps": 500, "ratio": 0.0001},
