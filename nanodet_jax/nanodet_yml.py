@@ -67,6 +67,8 @@ import ml_collections
 import yaml
 
 from nanodet_jax.default_config import nanodet_plus_config
+from nanodet_jax.optim import OPTIMIZER_KEYS, OPTIMIZERS
+from nanodet_jax.schedules import LR_SCHEDULES
 
 EXTRAS_KEY = "nanodet_jax"
 
@@ -94,9 +96,18 @@ LOSSES = {"loss_qfl": "QualityFocalLoss", "loss_dfl": "DistributionFocalLoss",
 # (field, allowed names, allowed keys) of the named sections our training implements.
 NAMED_SECTIONS = (
     ("model.weight_averager", ("ExpMovingAverager",), ("name", "decay")),
-    ("schedule.optimizer", ("AdamW",), ("name", "lr", "weight_decay")),
+    # Optimizers and lr schedules: whatever optim.py / schedules.py implement.
+    (
+        "schedule.optimizer",
+        tuple(OPTIMIZERS),
+        (*OPTIMIZER_KEYS, *sorted({k for d, _ in OPTIMIZERS.values() for k in d})),
+    ),
     ("schedule.warmup", ("constant", "linear", "exp"), ("name", "steps", "ratio")),
-    ("schedule.lr_schedule", ("CosineAnnealingLR",), ("name", "T_max", "eta_min")),
+    (
+        "schedule.lr_schedule",
+        tuple(LR_SCHEDULES),
+        ("name", *sorted({k for d, _ in LR_SCHEDULES.values() for k in d})),
+    ),
     ("evaluator", ("CocoDetectionEvaluator",), ("name", "save_key")),
 )
 PRECISION_IN = {32: "fp32", 16: "bf16"}

@@ -32,6 +32,7 @@ from nanodet_jax.schedules import epoch_lrs, lr_schedule, warmup_factor
 
 __all__ = [
     "OPTIMIZERS",
+    "OPTIMIZER_KEYS",
     "build_optimizer",
     "clip_by_global_norm_torch",
     "ema_decay",
@@ -187,7 +188,8 @@ OPTIMIZERS: dict[str, tuple[dict[str, Any], Callable[..., optax.GradientTransfor
     "Adam": ({**_ADAM_KEYS, "weight_decay": 0.0}, _adam),
     "SGD": ({"momentum": 0.0, "dampening": 0.0, "nesterov": False, "weight_decay": 0.0}, _sgd),
 }
-_NANODET_KEYS = ("name", "lr", "no_norm_decay", "no_bias_decay", "param_level_cfg")
+# Keys every optimizer section may hold besides its torch keyword arguments.
+OPTIMIZER_KEYS = ("name", "lr", "no_norm_decay", "no_bias_decay", "param_level_cfg")
 
 
 def build_optimizer(config: Any, steps_per_epoch: int) -> optax.GradientTransformation:
@@ -198,7 +200,7 @@ def build_optimizer(config: Any, steps_per_epoch: int) -> optax.GradientTransfor
     if name not in OPTIMIZERS:  # the one place an optimizer name is looked up
         raise ValueError(f"unknown optimizer {name!r}; known: {', '.join(sorted(OPTIMIZERS))}")
     defaults, make = OPTIMIZERS[name]
-    unknown = sorted(set(opt) - set(defaults) - set(_NANODET_KEYS))
+    unknown = sorted(set(opt) - set(defaults) - set(OPTIMIZER_KEYS))
     if unknown:
         raise ValueError(f"optimizer {name}: unknown keys {unknown} (known: {sorted(defaults)})")
     cfg = {**defaults, **{k: v for k, v in opt.items() if k in defaults}}

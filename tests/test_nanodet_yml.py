@@ -187,9 +187,9 @@ def _set(tree: dict, dotted: str, value: Any) -> None:
         ("data.train.multi_scale", [0.8, 1.2], "data.train.multi_scale: [0.8, 1.2]"),
         ("data.val.pipeline.mosaic", True, "data.val.pipeline.mosaic: True"),
         ("device.precision", 8, "device.precision: 8 is not supported yet (supported: 32, 16)"),
-        ("schedule.optimizer.name", "SGD", "schedule.optimizer.name: 'SGD'"),
-        ("schedule.optimizer.betas", [0.9, 0.99], "schedule.optimizer.betas: [0.9, 0.99]"),
-        ("schedule.lr_schedule.name", "MultiStepLR", "lr_schedule.name: 'MultiStepLR'"),
+        ("schedule.optimizer.name", "RMSprop", "schedule.optimizer.name: 'RMSprop'"),
+        ("schedule.optimizer.rho", 0.9, "schedule.optimizer.rho: 0.9"),
+        ("schedule.lr_schedule.name", "StepLR", "lr_schedule.name: 'StepLR'"),
         ("test.score_thr", 0.3, "test.score_thr: 0.3"),
         ("wandb", {"project": "x"}, "wandb: {'project': 'x'}"),
         ("data.val", KeyError, "data.val is missing"),
@@ -206,6 +206,23 @@ def test_unsupported_parts_stop_naming_the_field(tmp_path, field, value, expecte
         load_config(path)
     assert "\n" not in str(info.value) and str(info.value).startswith(f"{path}: ")
     assert expected in str(info.value)
+
+
+def test_sgd_and_multistep_yml_builds_its_optimizer(tmp_path):
+    """NanoDet's legacy recipes train with SGD + MultiStepLR: the section maps as is."""
+    content = copy.deepcopy(GOLDEN["nanodet-plus-m_416.yml"])
+    content["schedule"]["optimizer"] = {"name": "SGD", "lr": 0.14, "momentum": 0.9,
+                                        "weight_decay": 0.0001}  # fmt: skip
+    content["schedule"]["lr_schedule"] = {"name": "MultiStepLR", "milestones": [240, 260],
+                                          "gamma": 0.1}  # fmt: skip
+    config = load_config(write_yml(tmp_path, content))
+    assert config.schedule.optimizer.name == "SGD" and config.schedule.optimizer.momentum == 0.9
+    assert list(config.schedule.lr_schedule.milestones) == [240, 260]
+    from nanodet_jax.optim import build_optimizer, lr_schedule
+
+    build_optimizer(config, 10)
+    lr = lr_schedule(config.schedule, 10)
+    assert float(lr(260 * 10)) == pytest.approx(0.14 * 0.01, rel=1e-6)
 
 
 def test_invalid_yaml_stops_with_one_line(tmp_path):
