@@ -23,6 +23,17 @@ def test_kernels(ffi_ok):
 """
 
 
+def run_tiny_suite(test_file: Path, env: dict[str, str]) -> tuple[int, str]:
+    """pytest on one file with the repo's conftest as a plugin: the file lives outside
+    tests/ (nothing else is collected), and `python -m` puts the repo (the `tests`
+    package) on sys.path. Returns (exit code, output)."""
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "tests.conftest", "-p", "no:cacheprovider"]
+    run = subprocess.run(
+        [*cmd, str(test_file)], cwd=REPO, env=env, capture_output=True, text=True, timeout=120
+    )
+    return run.returncode, run.stdout + run.stderr
+
+
 def test_ci_fails_instead_of_skipping(tmp_path: Path) -> None:
     (tmp_path / "test_tiny.py").write_text(TINY)
     (tmp_path / "bin").mkdir()  # PATH without any compiler (find_compiler reads CXX, PATH)
@@ -33,19 +44,8 @@ def test_ci_fails_instead_of_skipping(tmp_path: Path) -> None:
         "PATH": str(tmp_path / "bin"),
         "CXX": "",
     }
-    # The repo's conftest as a plugin: the tiny file lives outside tests/ (nothing else
-    # is collected), and `python -m` puts the repo (the `tests` package) on sys.path.
-    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "tests.conftest", "-p", "no:cacheprovider"]
-    run = subprocess.run(
-        [*cmd, str(tmp_path / "test_tiny.py")],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    out = run.stdout + run.stderr
-    assert run.returncode == 1, out
+    returncode, out = run_tiny_suite(tmp_path / "test_tiny.py", env)
+    assert returncode == 1, out
     assert "2 errors" in out, out
     missing = tmp_path / "missing" / "data"
     data_line = f"test_real_data - Failed: CI=true but real data not found at {missing} "
@@ -77,15 +77,6 @@ def test_ci_without_torch_stops_the_run(tmp_path: Path) -> None:
     fake.mkdir(parents=True)
     (fake / "__init__.py").write_text("raise ImportError('torch hidden by the test')\n")
     env = {**os.environ, "CI": "true", "PYTHONPATH": str(tmp_path / "fake")}
-    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "tests.conftest", "-p", "no:cacheprovider"]
-    run = subprocess.run(
-        [*cmd, str(tmp_path / "test_tiny.py")],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    out = run.stdout + run.stderr
-    assert run.returncode != 0, out
+    returncode, out = run_tiny_suite(tmp_path / "test_tiny.py", env)
+    assert returncode != 0, out
     assert "CI=true but torch is not installed: the needs_torch tests would be skipped" in out

@@ -12,7 +12,7 @@ import gzip
 import importlib.util
 import json
 import os
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import pytest
@@ -24,15 +24,9 @@ from nanodet_jax.default_config import nanodet_plus_config
 from nanodet_jax.evaluation import STAT_NAMES
 from nanodet_jax.nanodet_yml import UnsupportedNanoDetConfig, our_field, write_nanodet_yml
 from tests.conftest import REPO, config_path
+from tools.record_nanodet_yml import LEGACY, PAIRS, leaves
 
 GOLDEN = json.load(open(os.path.join(REPO, "tests", "data", "golden_nanodet_yml.json")))["files"]
-PAIRS = {
-    "nanodet-plus-m_320.yml": "nanodet_plus_m.py",
-    "nanodet-plus-m_416.yml": "nanodet_plus_m_416.py",
-    "nanodet-plus-m-1.5x_320.yml": "nanodet_plus_m_1.5x.py",
-    "nanodet-plus-m-1.5x_416.yml": "nanodet_plus_m_1.5x_416.py",
-}
-LEGACY = "legacy_v0.x_configs/nanodet-m.yml"
 OUR_CONFIGS = sorted(f for f in os.listdir(os.path.join(REPO, "configs")) if f.endswith(".py"))
 
 # Fields both sides carry whose values differ by choice, not by the mapping: (NanoDet's, ours).
@@ -80,14 +74,6 @@ _HAS_PRETRAIN = "pretrain" in nanodet_plus_config().model.arch.backbone
 PRETRAIN = {"model.arch.backbone.pretrain"} if _HAS_PRETRAIN else set()
 # NanoDet fields these four files leave out, so the mapping supplies NanoDet's default.
 ABSENT_FROM_THE_FILES = {"init_from"} | PRETRAIN
-
-
-def leaves(node: Mapping, prefix: str = "") -> Iterator[tuple[str, Any]]:
-    for key, value in node.items():
-        if isinstance(value, Mapping):
-            yield from leaves(value, f"{prefix}{key}.")
-        else:
-            yield f"{prefix}{key}", value
 
 
 def flat(config: Any) -> dict[str, Any]:
