@@ -143,8 +143,8 @@ SGD = "--config.schedule.optimizer={'name': 'SGD', 'lr': 0.01, 'momentum': 0.9}"
 # a per-process augmentation seed moves step 1 by 12% (planted).
 LOSS_RTOL = 1e-4
 # A run resumed on 1 device (batch 8 on one device) continues within 2.6e-4 of the 4-device
-# reference (measured); on the same topology a resume is bitwise (test_train.py), and a
-# restore that lost the weights would be off by O(1).
+# reference (measured); on the same topology a resume is bitwise (test_train.py). The first
+# resumed loss shows the restored weights, the second the restored optimizer state.
 RESUME_RTOL = 2e-3
 
 
@@ -157,9 +157,9 @@ def dist_args(data, workdir, max_steps: int, batch: int) -> list[str]:
 
 @pytest.fixture(scope="module")
 def one_host_reference(shapes_data, tmp_path_factory) -> dict[int, float]:
-    """Train losses of steps 1-5 on 1 process x 4 devices (global batch 8 = 4 x 2)."""
+    """Train losses of steps 1-6 on 1 process x 4 devices (global batch 8 = 4 x 2)."""
     workdir = tmp_path_factory.mktemp("one_host") / "run"
-    proc = run(dist_args(shapes_data, workdir, 5, 2), devices=4)
+    proc = run(dist_args(shapes_data, workdir, 6, 2), devices=4)
     check(proc)
     return train_losses(workdir)
 
@@ -210,11 +210,11 @@ def test_two_processes_then_one(shapes_data, tmp_path, one_host_reference):
     # The 2-process checkpoint restores in a single-process run, which trains on exactly
     # as the uninterrupted run did.
     (workdir / "metrics.jsonl").unlink()
-    single = run(dist_args(shapes_data, workdir, 5, 8), devices=1)
+    single = run(dist_args(shapes_data, workdir, 6, 8), devices=1)
     check(single)
-    assert "resumed from" in single.stderr and last_json(single.stdout)["final_step"] == 5
+    assert "resumed from" in single.stderr and last_json(single.stdout)["final_step"] == 6
     resumed = train_losses(workdir)
-    assert sorted(resumed) == [5]
+    assert sorted(resumed) == [5, 6]  # step 6 shows the restored momentum
     assert_losses_equal(resumed, one_host_reference, "resumed on 1 device after 2 x 2", RESUME_RTOL)
 
 
@@ -228,5 +228,8 @@ def test_eight_device_checkpoint_continues_on_one(shapes_data, tmp_path, one_hos
     check(one)
     assert "resumed from" in one.stderr and last_json(one.stdout)["final_step"] == 3
     resumed = train_losses(workdir)
+    # One resumed step (weights, BN statistics, data position). Not yet a second: the first
+    # update after this 8 -> 1 resume moves the loss 1.2% off the reference (2x2 -> 1:
+    # 1.8e-4), unexplained so far; a lost momentum buffer moves it 11%.
     assert sorted(resumed) == [3]
     assert_losses_equal(resumed, one_host_reference, "resumed on 1 device after 8", RESUME_RTOL)
