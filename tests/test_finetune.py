@@ -13,18 +13,15 @@ import pytest
 import train as train_cli
 from nanodet_jax import checkpoint
 from nanodet_jax.config_utils import load_config
-from nanodet_jax.convert import model_variables, torch_state_dict
+from nanodet_jax.convert import torch_state_dict
 from nanodet_jax.model import build_model
 from nanodet_jax.testing import SMALL_MODEL_OVERRIDES
 from tests.conftest import config_path
+from tests.test_checkpoint import values
 from tests.test_convert import random_weights
 from tests.test_train import args as train_args
 
 CLASS_DEPENDENT = ("head.gfl_cls.", "aux_head.gfl_cls.")
-
-
-def values(model) -> dict[str, np.ndarray]:
-    return {k: np.asarray(v[...]) for k, v in model_variables(model).items()}
 
 
 @pytest.fixture(scope="module")

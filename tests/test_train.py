@@ -15,12 +15,12 @@ import pytest
 import train as train_cli
 from nanodet_jax import checkpoint
 from nanodet_jax.config_utils import load_config
-from nanodet_jax.convert import model_variables
 from nanodet_jax.data.synthetic import CLASSES
 from nanodet_jax.model import build_model
 from nanodet_jax.testing import SMALL_MODEL_OVERRIDES
 from nanodet_jax.training_log import TrainingLog
 from tests.conftest import config_path
+from tests.test_checkpoint import values
 
 STEPS = 7
 
@@ -56,7 +56,7 @@ def weights(workdir, config, directory: str, **kw) -> dict[str, np.ndarray]:
     """Every weight (params and BN statistics) a restore of ``workdir/directory`` gives."""
     model = build_model(config)
     checkpoint.restore_weights(workdir / directory, model, **kw)
-    return {k: np.asarray(v[...]) for k, v in model_variables(model).items()}
+    return values(model)
 
 
 def test_resume_continues_exactly(shapes, tmp_path):
