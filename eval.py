@@ -1,89 +1,12 @@
-"""COCO evaluation of NanoDet-Plus.
+"""COCO evaluation of a detector.
 
-    python eval.py --config configs/nanodet_plus_m_416.py --torch-weights nanodet-plus-m_416.pth \
-        --config.data.val.ann_file=instances_val2017.json --config.data.val.img_dir=val2017
+    python eval.py --config configs/nanodet_plus_m_416.py --torch-weights nanodet-plus-m_416.pth
 
-Weights come from ``--torch-weights`` (a NanoDet .pth / Lightning .ckpt) or
-``--checkpoint`` (an orbax directory written by ``nanodet_jax.convert`` or
-``train.py``; EMA weights are used when present). Prints the 12 COCO numbers and
-a per-class AP table; writes ``detections.json`` and ``metrics.json`` to ``--out-dir``.
+A thin entry point: see ``nanodet_jax/cli/eval.py`` for the options (also installed as
+``nanodet-eval``).
 """
 
-from __future__ import annotations
-
-import argparse
-import logging
-import os
-import sys
-import time
-
-from nanodet_jax import cli, evaluation, runtime
-from nanodet_jax.config_utils import load_config
-from nanodet_jax.data.datasets import build_dataset
-from nanodet_jax.model import build_model
-from nanodet_jax.predictor import Predictor
-
-log = logging.getLogger("nanodet_jax")
-
-
-def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[str]]:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--config", required=True, help="config file, e.g. configs/nanodet_plus_m.py")
-    cli.add_weight_args(p)
-    p.add_argument("--out-dir", default=None, help="where to write detections/metrics json")
-    p.add_argument("--batch-size", type=int, default=None, help="default: config.test.batch_size")
-    p.add_argument("--no-progress", action="store_true")
-    return p.parse_known_args(argv)
-
-
-def main(argv: list[str] | None = None) -> dict:
-    args, overrides = parse_args(argv)
-    cli.setup_logging()
-    runtime.enable_compilation_cache()
-    config = load_config(args.config, overrides)
-    val = config.data.val
-    dataset = build_dataset(val, config.get("class_names"), role="val")
-    model = build_model(config, with_aux=False)
-    if len(dataset.class_names) != model.num_classes:
-        sys.exit(
-            f"error: {dataset.ann_file} has {len(dataset.class_names)} categories but the model "
-            f"predicts {model.num_classes} classes (config model.arch.head.num_classes)"
-        )
-    cli.load_weights(model, args)
-
-    predictor = Predictor(model, config)
-    batch_size = args.batch_size or int(config.test.batch_size)
-    start = time.perf_counter()
-    results = evaluation.predict_dataset(
-        predictor,
-        dataset.records,
-        batch_size,
-        progress=cli.progress_enabled() and not args.no_progress,
-    )
-    seconds = time.perf_counter() - start
-    if predictor.truncated_images:
-        log.warning(
-            f"{predictor.truncated_images} image(s) had more than test.nms_pre="
-            f"{config.test.nms_pre} candidates and fewer than {config.test.max_per_img} kept "
-            "boxes; their detections may differ from NanoDet's unbounded NMS "
-            "(raise --config.test.nms_pre)"
-        )
-    dets = evaluation.to_coco_json(results, dataset.cat_ids)
-    metrics = evaluation.coco_evaluate(dataset, dets, dataset.class_names)
-    print(metrics["summary"], end="")
-    print(evaluation.per_class_table(metrics["per_class"]))
-    stats = metrics["stats"]
-    print(
-        f"\n{len(dataset)} images in {seconds:.1f} s ({len(dataset) / seconds:.1f} img/s, "
-        f"compile included)\nmAP {stats['AP']:.4f}  AP50 {stats['AP50']:.4f}  "
-        f"AP75 {stats['AP75']:.4f}"
-    )
-    out_dir = args.out_dir
-    if out_dir:
-        evaluation.write_results(out_dir, dets, metrics)
-        print(f"wrote {os.path.join(out_dir, 'detections.json')} and metrics.json")
-    return metrics
-
+from nanodet_jax.cli.eval import main
 
 if __name__ == "__main__":
     main()

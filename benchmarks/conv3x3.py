@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 from common import machine_summary, markdown_table, median_seconds, write_json
 
+from nanodet_jax import runtime  # noqa: E402
 from nanodet_jax.ops import conv3x3
 
 CHANNELS = 192
@@ -63,6 +64,7 @@ def torch_times(layout: str, x: np.ndarray, k: np.ndarray, g: np.ndarray, repeat
 
 
 def main() -> None:
+    runtime.configure_xla()  # the entry points' XLA settings, before any computation
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--repeats", type=int, default=5)

@@ -34,6 +34,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
+from nanodet_jax import runtime  # noqa: E402
 from nanodet_jax.ops import depthwise_ffi  # noqa: E402
 from nanodet_jax.ops.depthwise import depthwise_conv2d  # noqa: E402
 
@@ -159,6 +160,7 @@ def _have_torch() -> bool:
 
 
 def main() -> None:
+    runtime.configure_xla()  # the entry points' XLA settings, before any computation
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="5 shapes, fewer repeats")
     parser.add_argument("--batch", type=int, nargs="+", default=[1, 16])

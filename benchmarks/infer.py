@@ -8,7 +8,7 @@ Rows per input size:
   ``Predictor`` runs on the device; host-side JPEG decoding and resizing excluded);
 * ``torch eager``: NanoDet's model in eval mode under ``torch.no_grad()``, NCHW;
 * ``torch channels_last``: the same with channels-last memory format (often faster on CPU);
-* ``onnxruntime``: our ONNX export (``nanodet_jax.export_onnx``), batch 1, default and
+* ``onnxruntime``: our ONNX export (``nanodet_jax.deploy.onnx_export``), batch 1, default and
   single-thread session.
 Batch 1 reports latency (ms, median of repeats after warm-up); batch 16 reports
 throughput (images/s). ``speed-up`` is torch eager time / our time on the same row.
@@ -32,9 +32,10 @@ from common import (
 )
 from flax import nnx
 
-from nanodet_jax.config_utils import load_config
-from nanodet_jax.model import build_model
-from nanodet_jax.predictor import Predictor
+from nanodet_jax import runtime  # noqa: E402
+from nanodet_jax.config.loading import load_config
+from nanodet_jax.evaluation.predictor import Predictor
+from nanodet_jax.models import build_model
 
 CONFIGS = {320: "configs/nanodet_plus_m.py", 416: "configs/nanodet_plus_m_416.py"}
 
@@ -60,7 +61,7 @@ def ours(config, batch: int, repeats: int) -> dict[str, float]:
 def onnxruntime_times(config, repeats: int) -> dict[str, float]:
     """Our ONNX export in onnxruntime (batch 1 only: the exported graph is static)."""
     try:
-        from nanodet_jax.export_onnx import export_onnx, onnxruntime_latency
+        from nanodet_jax.deploy.onnx_export import export_onnx, onnxruntime_latency
     except ImportError:
         return {}
     with tempfile.TemporaryDirectory() as d:
@@ -90,6 +91,7 @@ def torch_times(ref, config, batch: int, repeats: int) -> dict[str, float]:
 
 
 def main() -> None:
+    runtime.configure_xla()  # the entry points' XLA settings, before any computation
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--nanodet", help="path of a RangiLyu/nanodet checkout (torch rows)")
     p.add_argument("--repeats", type=int, default=20)

@@ -35,12 +35,13 @@ from common import (
     write_json,
 )
 
-from nanodet_jax import distributed, trainer
-from nanodet_jax.assigner import assign
+from nanodet_jax import runtime  # noqa: E402
+from nanodet_jax.assigners.dynamic_soft_label import assign
 from nanodet_jax.box_ops import center_priors, distance2bbox, distribution_to_distance
-from nanodet_jax.config_utils import load_config
-from nanodet_jax.model import build_model
-from nanodet_jax.optim import build_optimizer
+from nanodet_jax.config.loading import load_config
+from nanodet_jax.models import build_model
+from nanodet_jax.training import distributed, trainer
+from nanodet_jax.training.optim import build_optimizer
 
 SIZE = 320
 NUM_BOXES, SLOTS = 8, 32  # real boxes per image, padded slots
@@ -75,7 +76,7 @@ def our_step(config, batch: int, repeats: int, mesh=None) -> dict[str, float]:
         "gt_mask": np.arange(SLOTS)[None].repeat(batch, 0) < NUM_BOXES,
     }
     data = jax.device_put(data, distributed.batch_sharded(mesh))
-    step = trainer.jit_train_step(graphdef, tx, config, mesh, detach_aux=False)
+    step = trainer.jit_train_step(graphdef, tx, config, mesh, phase="joint")
     start = time.perf_counter()
     state, metrics = step(state, data)
     jax.block_until_ready(metrics)
@@ -168,6 +169,7 @@ def pipeline_rate(config, data_dir: str | None, batch: int) -> float:
 
 
 def main() -> None:
+    runtime.configure_xla()  # the entry points' XLA settings, before any computation
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--nanodet", help="path of a RangiLyu/nanodet checkout (torch rows)")
     p.add_argument("--batches", type=int, nargs="+", default=[8, 16, 32])

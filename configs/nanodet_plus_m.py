@@ -1,6 +1,6 @@
 """NanoDet-Plus-m at 320x320 (NanoDet's config/nanodet-plus-m_320.yml)."""
 
-from nanodet_jax.default_config import nanodet_plus_config
+from nanodet_jax.config.defaults import nanodet_plus_config
 
 
 def get_config():

@@ -10,8 +10,8 @@ NanoDet-Plus-m (ShuffleNetV2-1.0x, GhostPAN, NanoDet-Plus head + AGM) with 3 cla
 detach_epoch) so the mAP rises within the run.
 """
 
+from nanodet_jax.config.defaults import nanodet_plus_config
 from nanodet_jax.data.synthetic import CLASSES
-from nanodet_jax.default_config import nanodet_plus_config
 
 DATA = "data/quickstart_shapes"
 

@@ -12,9 +12,14 @@ from typing import NoReturn
 
 import pytest
 
-from nanodet_jax.config_utils import load_config
-from nanodet_jax.model import build_model
-from nanodet_jax.testing import SMALL_MODEL_OVERRIDES
+from nanodet_jax import runtime
+
+# The XLA settings the entry points apply (runtime.py), before any test computes.
+runtime.configure_xla()
+
+from nanodet_jax.config.loading import load_config  # noqa: E402
+from nanodet_jax.models import build_model  # noqa: E402
+from nanodet_jax.testing import SMALL_MODEL_OVERRIDES  # noqa: E402
 
 # One persistent XLA cache per test session: train.py/eval.py runs in the same session
 # (same programs) then compile once.

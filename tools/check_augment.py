@@ -3,7 +3,7 @@
 Usage: ``python tools/check_augment.py /path/to/nanodet [--data DIR] [--trials 24]``
 
 ``--record tests/data/golden_augment.npz`` instead writes a small seeded fixture for
-``tests/test_augment.py`` (see :func:`record`).
+``tests/datasets/test_augment.py`` (see :func:`record`).
 
 Both sides consume the same random numbers: we draw U[0, 1) numbers with numpy, build
 our parameters from them, and hand the same numbers to the reference through a stand-in
@@ -27,8 +27,9 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO not in sys.path:
     sys.path.insert(0, REPO)
 
-from nanodet_jax import augment  # noqa: E402
-from nanodet_jax.default_config import nanodet_plus_config  # noqa: E402
+from nanodet_jax import runtime  # noqa: E402
+from nanodet_jax.config.defaults import nanodet_plus_config  # noqa: E402
+from nanodet_jax.data import augment  # noqa: E402
 from tools.reference import load_reference  # noqa: E402
 
 # The shipped config (no perspective/rotation/shear), every factor on, and a colour
@@ -243,6 +244,7 @@ def record(ref_path: str, path: str, seed: int) -> dict:
 
 
 def main() -> None:
+    runtime.configure_xla()  # the entry points' XLA settings, before any computation
     default_data = os.path.join(os.path.dirname(REPO), "shared", "data", "coco_tiny")
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("ref_path", help="RangiLyu/nanodet checkout")

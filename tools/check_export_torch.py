@@ -13,7 +13,7 @@ NanoDetPlus with ``load_state_dict(strict=True)`` and the wrapped one through Na
 
 instead records, for every config in :data:`CONFIGS`, the ordered keys, shapes and dtypes
 of NanoDet's own ``NanoDetPlus(...).state_dict()`` (what ``strict=True`` checks), one
-entry per distinct architecture, for ``tests/test_export_torch.py``.
+entry per distinct architecture, for ``tests/weights/test_export_torch.py``.
 """
 
 from __future__ import annotations
@@ -29,15 +29,16 @@ import numpy as np
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-from nanodet_jax.config_utils import load_config  # noqa: E402
-from nanodet_jax.convert import (  # noqa: E402
+from nanodet_jax import runtime  # noqa: E402
+from nanodet_jax.config.loading import load_config  # noqa: E402
+from nanodet_jax.models import build_model  # noqa: E402
+from nanodet_jax.testing import random_state_dict  # noqa: E402
+from nanodet_jax.weights.pytorch import (  # noqa: E402
     load_torch_weights,
     model_variables,
     save_torch_weights,
     to_torch_layout,  # noqa: E402
 )
-from nanodet_jax.model import build_model  # noqa: E402
-from nanodet_jax.testing import random_state_dict  # noqa: E402
 from tools.reference import load_reference  # noqa: E402
 
 CONFIGS = (
@@ -83,6 +84,7 @@ def record_keys(nanodet: str, path: str) -> dict:
 
 
 def main() -> None:
+    runtime.configure_xla()  # the entry points' XLA settings, before any computation
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("nanodet")
     p.add_argument("--config", default=os.path.join(REPO, "configs", "nanodet_plus_m.py"))

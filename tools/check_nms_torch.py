@@ -4,12 +4,12 @@ Usage: ``python tools/check_nms_torch.py REF_PATH [--trials 6] [--seed 0]``
 
 ``--record tests/data/golden_nms.npz`` instead writes the small seeded cases of
 :func:`golden_cases` with NanoDet's outputs (``max_num`` 100 and -1) for
-``tests/test_postprocess.py``, and checks ours against them (see :func:`record`).
+``tests/evaluation/test_postprocess.py``, and checks ours against them (see :func:`record`).
 
 Per trial a random raw head output is decoded twice, by NanoDet's pieces (center
 priors from ``NanoDetPlusHead.get_single_level_center_priors`` with the feature-map
 sizes ``get_bboxes`` computes, ``Integral``, ``distance2bbox``, sigmoid) and by
-:func:`nanodet_jax.postprocess.decode`; priors must match exactly, boxes and scores
+:func:`nanodet_jax.evaluation.postprocess.decode`; priors must match exactly, boxes and scores
 closely. Then NanoDet's real ``multiclass_nms`` (``nanodet/model/module/nms.py``, with
 the dummy background column ``get_bboxes`` appends) and our jitted ``multiclass_nms`` run
 on the same torch-decoded boxes and scores, and must agree exactly (count, boxes,
@@ -37,8 +37,9 @@ if REPO not in sys.path:
 
 import jax  # noqa: E402
 
+from nanodet_jax import runtime  # noqa: E402
 from nanodet_jax.box_ops import center_priors  # noqa: E402
-from nanodet_jax.postprocess import decode, multiclass_nms  # noqa: E402
+from nanodet_jax.evaluation.postprocess import decode, multiclass_nms  # noqa: E402
 from tools.reference import load_reference, torch_nms  # noqa: E402
 
 STRIDES = (8, 16, 32, 64)
@@ -291,6 +292,7 @@ def record(ref, torch, path: str, seed: int) -> int:
 
 
 def main() -> int:
+    runtime.configure_xla()  # the entry points' XLA settings, before any computation
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("ref_path", help="checkout of RangiLyu/nanodet")
     p.add_argument("--trials", type=int, default=6, help="trials per regime")

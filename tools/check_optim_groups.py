@@ -38,9 +38,9 @@ def main() -> None:
     import jax
     from flax import nnx
 
-    from nanodet_jax.config_utils import load_config
-    from nanodet_jax.model import build_model
-    from nanodet_jax.param_groups import assign, leaf_name
+    from nanodet_jax.config.loading import load_config
+    from nanodet_jax.models import build_model
+    from nanodet_jax.training.param_groups import assign, leaf_name
 
     ref = load_reference(args.nanodet)
     config = load_config(os.path.join(REPO, "configs", "nanodet_plus_m.py"))

@@ -29,7 +29,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO not in sys.path:
     sys.path.insert(0, REPO)
 
-from nanodet_jax.config_utils import load_config  # noqa: E402
+from nanodet_jax import runtime  # noqa: E402
+from nanodet_jax.config.loading import load_config  # noqa: E402
 from nanodet_jax.testing import normal_input, random_state_dict  # noqa: E402
 from tools import make_golden_train as golden_train  # noqa: E402
 from tools.make_golden import rel_error  # noqa: E402
@@ -61,9 +62,9 @@ def our_gradients(config, weights, x, gts) -> dict:
     from flax import nnx
 
     from nanodet_jax.box_ops import center_priors
-    from nanodet_jax.convert import load_torch_weights, model_variables, to_torch_layout
-    from nanodet_jax.losses import nanodet_plus_loss
-    from nanodet_jax.model import build_model
+    from nanodet_jax.models import build_model
+    from nanodet_jax.models.detectors.nanodet_plus import nanodet_plus_loss
+    from nanodet_jax.weights.pytorch import load_torch_weights, model_variables, to_torch_layout
 
     arch = config.model.arch
     model = build_model(config, with_aux=True)
@@ -117,6 +118,7 @@ def report(ours: dict, torch32: dict, torch64: dict, top: int) -> int:
 
 
 def main(argv: list[str] | None = None) -> None:
+    runtime.configure_xla()  # the entry points' XLA settings, before any computation
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("ref_path", help="checkout of RangiLyu/nanodet")
     p.add_argument("--config", default=os.path.join(REPO, "configs", "nanodet_plus_m.py"))

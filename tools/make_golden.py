@@ -1,4 +1,5 @@
-"""Record golden outputs of the PyTorch NanoDet reference for ``tests/test_golden_parity.py``.
+"""Record golden outputs of the PyTorch NanoDet reference for
+``tests/models/test_golden_parity.py``.
 
 Usage (from the repository root, with torch installed)::
 
@@ -44,7 +45,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO not in sys.path:
     sys.path.insert(0, REPO)
 
-from nanodet_jax.config_utils import load_config  # noqa: E402
+from nanodet_jax import runtime  # noqa: E402
+from nanodet_jax.config.loading import load_config  # noqa: E402
 from nanodet_jax.testing import (  # noqa: E402
     SMALL_MODEL_OVERRIDES,
     array_digest,
@@ -184,6 +186,7 @@ def _git_commit(path: str) -> str | None:
 
 
 def main(argv: list[str] | None = None) -> None:
+    runtime.configure_xla()  # the entry points' XLA settings, before any computation
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("ref_path", help="checkout of RangiLyu/nanodet")
     p.add_argument("--out", default=os.path.join(REPO, "tests", "data", "golden_model.npz"))

@@ -1,4 +1,4 @@
-"""Record NanoDet's ShuffleNetV2 on torchvision-format weights for tests/test_pretrained.py.
+"""Record NanoDet's ShuffleNetV2 on torchvision-format weights for tests/models/test_pretrained.py.
 
 Usage (from the repository root, torch and torchvision installed, see torchvision_cpu.py)::
 

@@ -1,4 +1,5 @@
-"""Record NanoDet's training targets, losses and gradients for ``tests/test_assigner_losses.py``.
+"""Record NanoDet's training targets, losses and gradients for
+``tests/losses/test_assigner_losses.py``.
 
 Usage (from the repository root, with torch installed)::
 
@@ -44,8 +45,9 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO not in sys.path:
     sys.path.insert(0, REPO)
 
+from nanodet_jax import runtime  # noqa: E402
 from nanodet_jax.box_ops import center_priors  # noqa: E402
-from nanodet_jax.config_utils import load_config  # noqa: E402
+from nanodet_jax.config.loading import load_config  # noqa: E402
 from nanodet_jax.testing import (  # noqa: E402
     SMALL_MODEL_OVERRIDES,
     array_digest,
@@ -261,6 +263,7 @@ def decision_margins(
 
 
 def main(argv: list[str] | None = None) -> None:
+    runtime.configure_xla()  # the entry points' XLA settings, before any computation
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("ref_path", help="checkout of RangiLyu/nanodet")
     p.add_argument("--out", default=os.path.join(REPO, "tests", "data", "golden_train.npz"))

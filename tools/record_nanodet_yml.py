@@ -1,4 +1,4 @@
-"""Record NanoDet's .yml configs for tests/test_nanodet_yml.py, and check our written .yml
+"""Record NanoDet's .yml configs for tests/config/test_nanodet_yml.py, and check our written .yml
 files with NanoDet's own config loader.
 
     python tools/record_nanodet_yml.py /path/to/nanodet [--out tests/data/golden_nanodet_yml.json]
@@ -33,8 +33,9 @@ import yaml
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-from nanodet_jax.config_utils import load_config  # noqa: E402
-from nanodet_jax.nanodet_yml import UnsupportedNanoDetConfig, write_nanodet_yml  # noqa: E402
+from nanodet_jax import runtime  # noqa: E402
+from nanodet_jax.config.loading import load_config  # noqa: E402
+from nanodet_jax.config.nanodet_yml import UnsupportedNanoDetConfig, write_nanodet_yml  # noqa: E402
 
 # NanoDet file -> our config of the same model.
 PAIRS = {
@@ -76,6 +77,7 @@ def plain(node: Any) -> Any:
 
 
 def main() -> int:
+    runtime.configure_xla()  # the entry points' XLA settings, before any computation
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("ref", help="a checkout of RangiLyu/nanodet")
     p.add_argument("--out", default=os.path.join(REPO, "tests", "data", "golden_nanodet_yml.json"))

@@ -67,8 +67,10 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO not in sys.path:
     sys.path.insert(0, REPO)
 
-from nanodet_jax.config_utils import load_config  # noqa: E402
-from nanodet_jax.convert import AUX_PREFIXES, extract_state_dict  # noqa: E402
+from nanodet_jax import runtime  # noqa: E402
+from nanodet_jax.config.loading import load_config  # noqa: E402
+from nanodet_jax.models.detectors.nanodet_plus import NanoDetPlus  # noqa: E402
+from nanodet_jax.weights.pytorch import extract_state_dict  # noqa: E402
 from tools.reference import Reference, load_reference  # noqa: E402
 
 STAT_NAMES = (
@@ -98,7 +100,7 @@ def build_reference_model(ref: Reference, config: Any, weights: str):
     result = model.load_state_dict(
         {k: torch.from_numpy(np.array(v)) for k, v in state.items()}, strict=False
     )
-    bad_missing = [k for k in result.missing_keys if not k.startswith(AUX_PREFIXES)]
+    bad_missing = [k for k in result.missing_keys if not k.startswith(NanoDetPlus.TRAINING_ONLY)]
     if bad_missing or result.unexpected_keys:
         raise SystemExit(
             f"{weights} does not fit the model: missing {bad_missing[:20]} "
@@ -261,6 +263,7 @@ def write_golden(
 
 
 def main(argv: list[str] | None = None) -> dict:
+    runtime.configure_xla()  # the entry points' XLA settings, before any computation
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("ref_path", help="checkout of RangiLyu/nanodet")
     p.add_argument("--config", required=True, help="our config file (configs/...)")

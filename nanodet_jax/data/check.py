@@ -1,7 +1,5 @@
-"""Check a detection dataset before training on it.
-
-    python -m nanodet_jax.data.check --config configs/quickstart.py [--split train|val|both] \
-        [--no-decode] [--config.data.train.img_dir=...]
+"""Check a detection dataset before training on it (``nanodet-check-dataset``,
+``nanodet_jax/cli/check_dataset.py``).
 
 Reads the dataset in whatever format ``config.data.<split>.name`` names and reports:
 image count, boxes per class, images without boxes, broken images (missing, undecodable),
@@ -12,10 +10,8 @@ would not train correctly (errors), 0 when there are at most warnings.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import logging
-import sys
 from collections import Counter, defaultdict
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -173,31 +169,3 @@ def check_dataset(
             if found is not None:
                 report.add(found[0], ERROR, found[1])
     return report
-
-
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--config", required=True, help="config file, e.g. configs/quickstart.py")
-    p.add_argument("--split", choices=("train", "val", "both"), default="both")
-    p.add_argument("--no-decode", action="store_true", help="read image headers only (fast)")
-    p.add_argument("--threads", type=int, default=2, help="image decoding threads")
-    args, overrides = p.parse_known_args(argv)
-    from nanodet_jax.config_utils import load_config
-
-    logging.basicConfig(level=logging.WARNING, format="%(message)s")
-    config = load_config(args.config, overrides)
-    roles = ("train", "val") if args.split == "both" else (args.split,)
-    errors = 0
-    for role in roles:
-        split_cfg = config.data[role]
-        report = check_dataset(
-            split_cfg, config.get("class_names"), role, not args.no_decode, args.threads
-        )
-        print(report.format())
-        errors += report.errors
-    print(f"{errors} errors" + (": this dataset would not train correctly" if errors else ""))
-    return 1 if errors else 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -10,7 +10,7 @@ rows ``[p*B/P, (p+1)*B/P)`` of every global batch.
 
 Batches are numpy on the host: ``images`` uint8 BGR [b, H, W, 3] (H, W = the input size
 rounded up to 32, NanoDet's batch padding), ``color`` float32 [b, 4] (see
-:mod:`nanodet_jax.augment`; colour and normalisation run on the device), ``gt_boxes``
+:mod:`nanodet_jax.data.augment`; colour and normalisation run on the device), ``gt_boxes``
 float32 [b, M, 4], ``gt_labels`` int32 [b, M] (-1 = padding), ``gt_mask`` bool [b, M],
 ``valid_hw`` int32 [b, 2] (the warped image's extent), ``image_id`` int64 [b]. M is the
 smallest of ``max_boxes_buckets`` holding the largest box count of the *global* batch, so
@@ -27,7 +27,7 @@ from typing import Any
 import grain
 import numpy as np
 
-from nanodet_jax import augment, transforms
+from nanodet_jax.data import augment, transforms
 from nanodet_jax.data.coco import ImageReadError, ImageRecord, load_image
 
 log = logging.getLogger("nanodet_jax")

@@ -12,7 +12,7 @@ call by ``impl`` or the ``NANODET_JAX_CONV3X3`` environment variable (read at tr
 * ``lax``: ``lax.conv_general_dilated`` everywhere.
 
 Winograd rounds differently from direct convolution: ~1e-6 relative on NanoDet's
-activations, the size of float32 summation-order differences (tests/test_conv3x3.py).
+activations, the size of float32 summation-order differences (tests/ops/test_conv3x3.py).
 The weight gradient stays XLA's convolution: it is a reduction over every pixel, which
 XLA already runs near this CPU's peak.
 """

@@ -1,0 +1,45 @@
+"""Pieces shared by the command-line entry points (train.py, eval.py, predict, convert)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from flax import nnx
+
+from nanodet_jax.weights import checkpoint
+from nanodet_jax.weights.pytorch import load_torch_weights
+
+
+def setup_logging(level: int = logging.INFO) -> None:
+    """Our messages at ``level`` on stderr; libraries (absl, orbax, jax) at WARNING."""
+    logging.basicConfig(level=logging.WARNING, format="%(message)s", force=True)
+    ours = logging.getLogger("nanodet_jax")
+    ours.setLevel(level)
+    try:  # absl (used by orbax) routes through its own handler; keep it quiet too
+        from absl import logging as absl_logging
+
+        absl_logging.set_verbosity(absl_logging.WARNING)
+    except ImportError:  # pragma: no cover
+        pass
+
+
+def add_weight_args(parser: argparse.ArgumentParser, required: bool = True) -> None:
+    """``--torch-weights FILE`` | ``--checkpoint DIR`` (+ ``--step``)."""
+    src = parser.add_mutually_exclusive_group(required=required)
+    src.add_argument("--torch-weights", help="PyTorch NanoDet weights (.pth state_dict or .ckpt)")
+    src.add_argument("--checkpoint", help="orbax checkpoint directory (EMA weights preferred)")
+    parser.add_argument("--step", type=int, help="checkpoint step (default: latest)")
+
+
+def load_weights(model: nnx.Module, args: argparse.Namespace) -> None:
+    if args.torch_weights:
+        load_torch_weights(model, args.torch_weights)
+    else:
+        checkpoint.restore_weights(args.checkpoint, model, step=args.step)
+
+
+def progress_enabled() -> bool:
+    """Progress bars only on a terminal; logs get plain lines instead."""
+    return sys.stderr.isatty()

@@ -1,0 +1,60 @@
+"""Export a detector to ONNX: ``nanodet-export``.
+
+    nanodet-export --config configs/nanodet_plus_m_416.py \
+        --torch-weights nanodet-plus-m_416.pth --out nanodet-plus-m_416.onnx [--benchmark 20]
+
+The file's contract (input ``data``, output ``output``, opset 11) is described in
+``nanodet_jax/deploy/onnx_export.py``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+from nanodet_jax import runtime
+from nanodet_jax.cli import common as cli
+from nanodet_jax.config.loading import load_config
+from nanodet_jax.deploy.onnx_export import (
+    INPUT_NAME,
+    OPSET,
+    OUTPUT_NAME,
+    export_onnx,
+    onnxruntime_latency,
+)
+from nanodet_jax.models import build_model
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--config", required=True)
+    cli.add_weight_args(p)
+    p.add_argument("--out", default="nanodet.onnx", help="output .onnx path")
+    p.add_argument("--benchmark", type=int, default=0, help="also time N onnxruntime runs")
+    args, overrides = p.parse_known_args(argv)
+    runtime.configure_xla()
+    cli.setup_logging()
+    config = load_config(args.config, overrides)
+    model = build_model(config, with_aux=False)
+    cli.load_weights(model, args)
+    start = time.perf_counter()
+    onnx_model = export_onnx(model, config, args.out)
+    graph = onnx_model.graph
+    inp, out = (
+        [d.dim_value for d in v.type.tensor_type.shape.dim] for v in (*graph.input, *graph.output)
+    )
+    print(
+        f"wrote {args.out} (opset {OPSET}, {len(graph.node)} nodes, "
+        f"{time.perf_counter() - start:.1f} s): {INPUT_NAME} {inp} -> {OUTPUT_NAME} {out}"
+    )
+    if args.benchmark:
+        ms = onnxruntime_latency(args.out, args.benchmark) * 1e3
+        print(f"onnxruntime CPU latency (batch 1, median of {args.benchmark}): {ms:.1f} ms")
+
+
+if __name__ == "__main__":
+    main()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Configs: ours (``configs/*.py``, ml_collections) and NanoDet's ``.yml``, with overrides."""

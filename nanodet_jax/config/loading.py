@@ -1,0 +1,121 @@
+"""Loading ``configs/*.py`` files and applying ``--config.a.b=value`` overrides."""
+
+from __future__ import annotations
+
+import ast
+import importlib.util
+import os
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+import ml_collections
+
+OVERRIDE_PREFIX = "--config."
+
+
+def load_config_file(path: str | os.PathLike) -> ml_collections.ConfigDict:
+    """Import a config file and return its ``get_config()``."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"config file {path!r} not found")
+    name = "nanodet_jax_config_" + os.path.splitext(os.path.basename(path))[0].replace(".", "_")
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    if not hasattr(module, "get_config"):
+        raise ValueError(f"config file {path!r} has no get_config()")
+    return module.get_config()
+
+
+def _parse_value(text: str, current: Any) -> Any:
+    if isinstance(current, str):
+        return text
+    if isinstance(current, bool) or text.lower() in ("true", "false"):
+        if text.lower() in ("true", "1", "yes"):
+            return True
+        if text.lower() in ("false", "0", "no"):
+            return False
+        raise ValueError(f"expected a boolean, got {text!r}")
+    if text.lower() in ("none", "null"):
+        return None
+    try:
+        value = ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text
+    if isinstance(current, float) and isinstance(value, int):
+        value = float(value)
+    if isinstance(value, tuple):
+        value = list(value)
+    return value
+
+
+def apply_overrides(config: ml_collections.ConfigDict, overrides: Sequence[str]) -> None:
+    """Apply ``--config.a.b=value`` (or ``--config.a.b value``) arguments in place."""
+    args = list(overrides)
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if not arg.startswith(OVERRIDE_PREFIX):
+            raise ValueError(f"unrecognised argument {arg!r}")
+        if "=" in arg:
+            dotted, text = arg[len(OVERRIDE_PREFIX) :].split("=", 1)
+        else:
+            if i + 1 >= len(args):
+                raise ValueError(f"{arg} needs a value")
+            dotted, text = arg[len(OVERRIDE_PREFIX) :], args[i + 1]
+            i += 1
+        i += 1
+        *parents, leaf = dotted.split(".")
+        node = config
+        for part in parents:
+            if part not in node:
+                raise KeyError(f"--config.{dotted}: no field {part!r} in the config")
+            node = node[part]
+        if leaf not in node:
+            raise KeyError(f"--config.{dotted}: no field {leaf!r}; fields here: {sorted(node)}")
+        current = node[leaf]
+        value = _parse_value(text, current)
+        if isinstance(node, ml_collections.ConfigDict):
+            with node.unlocked():
+                setattr(node, leaf, value)
+        else:
+            node[leaf] = value
+
+
+def split_overrides(argv: Sequence[str]) -> tuple[list[str], list[str]]:
+    """Separate ``--config.a.b=value`` / ``--config.a.b value`` overrides from the other
+    arguments: (others, overrides).
+
+    For parsers with positional arguments: argparse takes an argument holding a space
+    (``"--config.class_names=['a', 'b']"``), and the value of the two-token form, for a
+    positional, so ``parse_known_args`` alone would swap them with the real positionals.
+    """
+    others: list[str] = []
+    overrides: list[str] = []
+    args = list(argv)
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if arg.startswith(OVERRIDE_PREFIX):
+            takes_next = "=" not in arg and i + 1 < len(args)
+            overrides += args[i : i + 2] if takes_next else [arg]
+            i += 2 if takes_next else 1
+        else:
+            others.append(arg)
+            i += 1
+    return others, overrides
+
+
+def load_config(
+    path: str | os.PathLike, overrides: Sequence[str] = ()
+) -> ml_collections.ConfigDict:
+    if os.fspath(path).lower().endswith((".yml", ".yaml")):  # NanoDet's own config files
+        from nanodet_jax.config.nanodet_yml import load_nanodet_yml
+
+        config = load_nanodet_yml(path)
+    else:
+        config = load_config_file(path)
+    apply_overrides(config, overrides)
+    return config

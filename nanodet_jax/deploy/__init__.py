@@ -1,0 +1,1 @@
+"""Deployment: ONNX export with NanoDet's contract (``onnx_export.py``)."""

@@ -1,0 +1,7 @@
+"""Detector architectures, selected by ``model.arch.name``; see ``base.py`` for the protocol."""
+
+from nanodet_jax.models.detectors.base import Detector
+from nanodet_jax.models.detectors.nanodet_plus import NanoDetPlus
+from nanodet_jax.registry import Registry
+
+DETECTORS: Registry[type[Detector]] = Registry("model.arch", {"NanoDetPlus": NanoDetPlus})

@@ -1,0 +1,1 @@
+"""Training: state and step, the loop, optimizers, schedules, EMA, devices and hosts."""

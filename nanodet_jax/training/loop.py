@@ -1,0 +1,256 @@
+"""The training loop: data -> sharded global batches -> the compiled step -> logging,
+checkpoints and COCO evaluation of the EMA weights. Generic over the detector protocol
+(``models/detectors/base.py``); ``nanodet_jax/cli/train.py`` (``train.py``) calls
+:func:`train_and_evaluate`.
+
+The workdir holds ``checkpoints/`` (last K, resumed automatically), ``best/`` (best
+val mAP, EMA weights), ``metrics.jsonl``, TensorBoard logs and ``curves.png``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from nanodet_jax.data import transforms
+from nanodet_jax.data.coco import CocoDetection, load_image
+from nanodet_jax.data.datasets import build_dataset
+from nanodet_jax.data.pipeline import train_loader_from_config
+from nanodet_jax.evaluation import coco_eval, evaluator_from_config
+from nanodet_jax.evaluation.predictor import Predictor
+from nanodet_jax.models import build_model
+from nanodet_jax.models.backbones.pretrained import load_pretrained_for_training
+from nanodet_jax.models.detectors.base import Detector
+from nanodet_jax.testing import array_digest
+from nanodet_jax.training import distributed, trainer
+from nanodet_jax.training.bn_recalibration import recalibrate_batchnorm
+from nanodet_jax.training.optim import build_optimizer, lr_schedule
+from nanodet_jax.training.training_log import TrainingLog
+from nanodet_jax.weights import checkpoint
+from nanodet_jax.weights.pytorch import load_torch_weights
+
+log = logging.getLogger("nanodet_jax")
+
+
+def check_classes(model: Detector, dataset: CocoDetection) -> None:
+    n = len(dataset.class_names)
+    if n != model.num_classes:
+        fields = " ".join(f"--config.{f}={n}" for f in model.NUM_CLASSES_FIELDS)
+        raise SystemExit(
+            f"error: {dataset.ann_file} has {n} categories "
+            f"({', '.join(dataset.class_names[:5])}...) but the model has {model.num_classes} "
+            f"classes; set {fields} and --config.class_names"
+        )
+
+
+def record_samples(workdir: str, step: int, epoch: int, image_ids: np.ndarray) -> None:
+    """Which images this process trained on at a step (``--log_samples``)."""
+    path = os.path.join(workdir, f"samples_p{jax.process_index()}.jsonl")
+    with open(path, "a") as f:
+        f.write(json.dumps({"step": step, "epoch": epoch, "image_ids": image_ids.tolist()}) + "\n")
+
+
+def make_synthetic_data(spec: Any) -> None:
+    """Write the generated dataset a config asks for (configs/quickstart.py) once."""
+    from nanodet_jax.data.synthetic import write_dataset
+
+    if distributed.is_main_process():
+        log.info(f"writing the synthetic dataset to {spec.out_dir} ...")
+        write_dataset(spec.out_dir, spec.num_train, spec.num_val, spec.size, spec.seed)
+    distributed.barrier("synthetic data")
+
+
+def init_weights(model: Detector, source: str) -> None:
+    """Fine-tuning start point: NanoDet .pth/.ckpt or one of our checkpoint directories."""
+    if os.path.isdir(source):
+        checkpoint.restore_weights(source, model)
+        return
+    class_dependent = model.CLASS_DEPENDENT
+    report = load_torch_weights(model, source, allow_reinit=class_dependent)
+    if report.reinitialized:
+        layers = [p.rstrip(".") for p in class_dependent
+                  if any(k.startswith(p) for k in report.reinitialized)]  # fmt: skip
+        log.warning(f"class count differs from {source}: re-initialised {', '.join(layers)}")
+    if report.missing_aux:
+        branches = ", ".join(p.rstrip(".") for p in model.TRAINING_ONLY)
+        log.info(f"the weights have no training-only branches ({branches}): they start fresh")
+
+
+def recalibrate_bn(model: Detector, config: Any, dataset: CocoDetection, num_images: int) -> None:
+    """BatchNorm statistics re-estimated on the first training images (resized as for
+    validation), keeping the network's function; see bn_recalibration.py."""
+    predictor = Predictor(model, config)  # only for its preprocessing
+    mean, std = config.data.val.pipeline.normalize
+    records = dataset.records[:num_images]
+    batches = []
+    for i in range(0, len(records), 16):
+        canvases = np.stack([
+            predictor.prepare(load_image(r)).canvas for r in records[i : i + 16]
+        ])  # fmt: skip
+        batches.append(transforms.normalize(jnp.asarray(canvases), mean, std))
+    recalibrate_batchnorm(model, batches)
+
+
+def evaluate(graphdef: Any, state: Any, config: Any, val: CocoDetection, epoch: int) -> dict:
+    """COCO mAP of the EMA weights on the val set, the images split over processes."""
+    # A process-local copy of the replicated EMA weights: prediction runs on local devices.
+    local_ema = jax.tree.map(lambda a: np.asarray(a.addressable_data(0)), state.ema)
+    predictor = Predictor(trainer.merge_for_eval(graphdef, local_ema), config)
+    results = coco_eval.predict_dataset_all_hosts(
+        predictor, val.records, int(config.test.batch_size), progress=False
+    )
+    evaluate_fn = evaluator_from_config(config)
+    metrics = evaluate_fn(val, coco_eval.to_coco_json(results, val.cat_ids), val.class_names)
+    stats = metrics["stats"]
+    log.info(f"epoch {epoch} val (EMA): mAP {stats['AP']:.4f} AP50 {stats['AP50']:.4f}")
+    return stats
+
+
+def train_and_evaluate(
+    config: Any,
+    workdir: str,
+    *,
+    max_steps: int | None = None,
+    log_samples: bool = False,
+    progress_bar: bool = True,
+) -> dict:
+    """Train ``config`` in ``workdir`` (resuming from its latest checkpoint), evaluating
+    the EMA weights every ``schedule.val_intervals`` epochs; returns the run's summary.
+
+    Every process of a multi-process run calls this with the same arguments, after
+    ``distributed.initialize``.
+    """
+    main_process = distributed.is_main_process()
+    workdir = os.path.abspath(workdir)
+    os.makedirs(workdir, exist_ok=True)
+
+    if config.data.get("synthetic") and not os.path.isfile(config.data.train.ann_file):
+        make_synthetic_data(config.data.synthetic)
+    train_set = build_dataset(config.data.train, config.get("class_names"), role="train")
+    val_set = build_dataset(config.data.val, config.get("class_names"), role="val")
+    mesh = distributed.data_mesh()
+    global_batch = int(config.device.batch_size_per_device) * jax.device_count()
+    loader = train_loader_from_config(
+        train_set.records, config, global_batch,
+        process_index=jax.process_index(), process_count=jax.process_count(),
+    )  # fmt: skip
+    steps_per_epoch = loader.steps_per_epoch
+    epochs = int(config.schedule.total_epochs)
+    total_steps = min(epochs * steps_per_epoch, max_steps or 1 << 62)
+
+    mngr = checkpoint.train_manager(
+        os.path.join(workdir, "checkpoints"), int(config.checkpoint.keep)
+    )
+    model = build_model(config, seed=int(config.seed))
+    check_classes(model, train_set)
+    load_pretrained_for_training(model, config, resuming=mngr.latest_step() is not None)
+    if config.get("init_from"):
+        init_weights(model, config.init_from)
+        if int(config.get("init_bn_recalibration_images", 0)):
+            recalibrate_bn(model, config, train_set, int(config.init_bn_recalibration_images))
+    tx = build_optimizer(config, steps_per_epoch)
+    lr_fn = lr_schedule(config.schedule, steps_per_epoch)
+    graphdef, state = trainer.create_train_state(model, tx)
+    phase_of_epoch = model.phase
+    del model
+    state = jax.device_put(state, distributed.replicated(mesh))
+
+    history = TrainingLog(workdir, enabled=main_process, progress_bar=progress_bar)
+    best_map = -1.0
+    if mngr.latest_step() is not None:
+        state, meta = checkpoint.restore_train_state(mngr, state)
+        best_map = float(meta.get("best_map", -1.0))
+        if meta.get("global_batch", global_batch) != global_batch:
+            raise SystemExit(
+                f"error: {mngr.directory} was written with a global batch of "
+                f"{meta['global_batch']} images, this run has {global_batch} "
+                f"({config.device.batch_size_per_device} per device x {jax.device_count()} "
+                "devices); resume with the same global batch (the data order depends on it)"
+            )
+        log.info(f"resumed from {mngr.directory} at step {int(state.step)}")
+    start = int(state.step)
+    start_epoch, start_in_epoch = divmod(start, steps_per_epoch)
+
+    steps = {}  # one compiled program per training phase (NanoDet-Plus: the two AGM phases)
+
+    def train_step(phase: str):
+        if phase not in steps:
+            steps[phase] = trainer.jit_train_step(
+                graphdef, tx, config, mesh, phase=phase, lr_fn=lr_fn
+            )
+        return steps[phase]
+
+    log.info(
+        f"training {config.name}: {len(train_set)} images, global batch {global_batch} on "
+        f"{jax.device_count()} device(s), {steps_per_epoch} steps/epoch, {epochs} epochs, "
+        f"workdir {workdir}"
+    )
+    if config.get("init_from") and start == 0:
+        # The starting point's accuracy, so a fine-tuning run shows what it changed.
+        history.log_eval(0, 0, evaluate(graphdef, state, config, val_set, 0))
+    progress = history.progress(total_steps, start)
+    pending = None  # metrics of the previous step, checked after the next is dispatched
+    t_last, images_since = time.perf_counter(), 0
+    for epoch, step_in_epoch, local_batch in loader(start_epoch, start_in_epoch):
+        step = epoch * steps_per_epoch + step_in_epoch
+        if step >= total_steps:
+            break
+        if log_samples:
+            record_samples(workdir, step, epoch, local_batch["image_id"])
+        batch = distributed.global_batch(trainer.batch_from_host(local_batch), mesh)
+        state, metrics = train_step(phase_of_epoch(epoch))(state, batch)
+        if pending is not None:
+            history.check_finite(*pending)
+        pending = (step + 1, epoch, metrics)
+        images_since += global_batch
+        done = step + 1
+        if done % int(config.log.interval) == 0 or done == total_steps or done == start + 1:
+            values = history.check_finite(*pending)
+            now = time.perf_counter()
+            values["img_per_s"] = images_since / (now - t_last)
+            t_last, images_since = now, 0
+            history.log_train(done, epoch, values)
+        progress.update(1)
+        end_of_epoch = step_in_epoch == steps_per_epoch - 1
+        if done % int(config.checkpoint.every_steps) == 0 or end_of_epoch or done == total_steps:
+            checkpoint.save_train_state(
+                mngr,
+                state,
+                {
+                    "epoch": epoch,
+                    "best_map": best_map,
+                    "name": config.name,
+                    "global_batch": global_batch,
+                },
+            )
+        val_due = end_of_epoch and (epoch + 1) % int(config.schedule.val_intervals) == 0
+        if val_due or done == total_steps:
+            stats = evaluate(graphdef, state, config, val_set, epoch + 1)
+            history.log_eval(done, epoch + 1, stats)
+            if stats["AP"] > best_map:
+                best_map = stats["AP"]
+                checkpoint.save_weights(
+                    os.path.join(workdir, "best"), trainer.merge_for_eval(graphdef, state.ema),
+                    config, step=done, keep=1,
+                )  # fmt: skip
+        if done >= total_steps:
+            break
+    if pending is not None:
+        history.check_finite(*pending)
+    mngr.wait_until_finished()
+    progress.close()
+    history.finish()
+    local_params = jax.tree.map(lambda a: np.asarray(a.addressable_data(0)), state.params)
+    summary = {
+        "process": jax.process_index(), "final_step": int(state.step), "best_mAP": best_map,
+        "params_sha256": array_digest(dict(enumerate(jax.tree.leaves(local_params)))),
+        "workdir": workdir,
+    }  # fmt: skip
+    return summary

@@ -1,0 +1,110 @@
+"""What a training run shows and keeps: a progress bar, metrics.jsonl, TensorBoard scalars,
+loss / lr / mAP curves (curves.png), and the NaN guard. Only process 0 writes."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+
+import jax
+
+log = logging.getLogger("nanodet_jax")
+SHORT = {"loss_qfl": "qfl", "loss_bbox": "bbox", "loss_dfl": "dfl"}
+
+
+class TrainingLog:
+    def __init__(self, workdir: str, enabled: bool = True, progress_bar: bool = True):
+        self.workdir = workdir
+        self.enabled = enabled
+        self.progress_bar = progress_bar
+        self.records: list[dict] = []
+        self._bar = None
+        self._tb = None
+        if not enabled:
+            return
+        os.makedirs(workdir, exist_ok=True)
+        self.path = os.path.join(workdir, "metrics.jsonl")
+        if os.path.exists(self.path):  # a resumed run keeps its history
+            with open(self.path) as f:
+                self.records = [json.loads(line) for line in f if line.strip()]
+        try:
+            from tensorboardX import SummaryWriter
+
+            self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+        except ImportError:  # pragma: no cover - tensorboardX is a dependency
+            log.warning("tensorboardX not installed: no TensorBoard logs")
+
+    def progress(self, total: int, initial: int):
+        from tqdm import tqdm
+
+        self._bar = tqdm(
+            total=total, initial=initial, unit="step", dynamic_ncols=True,
+            disable=not (self.enabled and self.progress_bar), desc="train",
+        )  # fmt: skip
+        return self._bar
+
+    @staticmethod
+    def check_finite(step: int, epoch: int, metrics: dict) -> dict[str, float]:
+        """Host values of a step's metrics; a NaN/Inf loss stops training with the terms named."""
+        values = {k: float(v) for k, v in jax.device_get(metrics).items()}
+        bad = [
+            k
+            for k, v in values.items()
+            if k.startswith(("loss", "aux_loss")) and not math.isfinite(v)
+        ]
+        if bad:
+            terms = ", ".join(f"{k}={v:.4g}" for k, v in values.items())
+            raise FloatingPointError(
+                f"non-finite loss at step {step} (epoch {epoch + 1}): {', '.join(bad)} "
+                f"[{terms}]; lower the lr, check the data (degenerate boxes?) or resume from "
+                "the last checkpoint"
+            )
+        return values
+
+    def _write(self, record: dict) -> None:
+        self.records.append(record)
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    def log_train(self, step: int, epoch: int, values: dict[str, float]) -> None:
+        if not self.enabled:
+            return
+        self._write({"kind": "train", "step": step, "epoch": epoch + 1, **values})
+        if self._tb is not None:
+            for k, v in values.items():
+                self._tb.add_scalar(f"train/{k}", v, step)
+        main = " ".join(f"{SHORT[k]} {values[k]:.3f}" for k in SHORT if k in values)
+        aux = sum(v for k, v in values.items() if k.startswith("aux_loss"))
+        text = (
+            f"ep {epoch + 1} loss {values['loss']:.3f} ({main}, aux {aux:.3f}) "
+            f"lr {values.get('lr', float('nan')):.2e} {values['img_per_s']:.1f} img/s"
+        )
+        if self._bar is not None and not self._bar.disable:
+            self._bar.set_postfix_str(text, refresh=False)
+            self._bar.write(f"step {step}: {text}")  # a line above the bar, kept in logs
+        else:
+            log.info(f"step {step}: {text}")
+
+    def log_eval(self, step: int, epoch: int, stats: dict[str, float]) -> None:
+        if not self.enabled:
+            return
+        self._write({"kind": "eval", "step": step, "epoch": epoch, **stats})
+        if self._tb is not None:
+            for k, v in stats.items():
+                self._tb.add_scalar(f"val/{k}", v, step)
+        self.plot()
+
+    def plot(self) -> None:
+        from nanodet_jax.evaluation.visualize import plot_training_curves
+
+        if self.enabled and self.records:
+            plot_training_curves(self.records, os.path.join(self.workdir, "curves.png"))
+
+    def finish(self) -> None:
+        if not self.enabled:
+            return
+        self.plot()
+        if self._tb is not None:
+            self._tb.close()

@@ -1,0 +1,248 @@
+"""Orbax checkpoints of model weights.
+
+A checkpoint directory is an orbax ``CheckpointManager`` directory; each step holds
+the item ``model`` (the model's full NNX state: parameters, BatchNorm statistics,
+buffers), optionally ``ema`` (the EMA weights, which evaluation prefers), and a
+JSON ``meta`` item. Training adds its own items (optimizer state, data iterator)
+beside these; weight-only readers ignore them.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+from flax import nnx
+
+from nanodet_jax.weights.pytorch import WeightMismatchError
+
+log = logging.getLogger("nanodet_jax")
+FORMAT_VERSION = 1
+
+
+def _flat_shapes(tree: Any) -> dict[str, tuple]:
+    out = {}
+    for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+        key = ".".join(str(getattr(p, "key", getattr(p, "idx", p))) for p in path)
+        shape = leaf.shape if hasattr(leaf, "shape") else np.shape(leaf)
+        out[key] = tuple(shape)
+    return out
+
+
+def model_meta(config: Any) -> dict:
+    return {
+        "format_version": FORMAT_VERSION,
+        "name": config.get("name", ""),
+        "class_names": list(config.class_names),
+        "input_size": list(config.data.val.input_size),
+    }
+
+
+WEIGHT_ITEMS = {
+    "model": ocp.StandardCheckpointHandler,
+    "ema": ocp.StandardCheckpointHandler,
+    "meta": ocp.JsonCheckpointHandler,
+}
+
+
+def manager(
+    directory: str | os.PathLike, max_to_keep: int | None = None, **options
+) -> ocp.CheckpointManager:
+    """A manager that knows the weight items (so it can read their metadata)."""
+    opts = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True, **options)
+    handlers = {name: handler() for name, handler in WEIGHT_ITEMS.items()}
+    return ocp.CheckpointManager(os.path.abspath(directory), options=opts, item_handlers=handlers)
+
+
+def save_weights(
+    directory: str | os.PathLike,
+    model: nnx.Module,
+    config: Any,
+    step: int = 0,
+    keep: int | None = None,
+) -> None:
+    """Write ``model``'s weights as step ``step`` of an orbax checkpoint directory
+    (keeping the newest ``keep`` steps; all by default)."""
+    mngr = manager(directory, max_to_keep=keep)
+    state = nnx.to_pure_dict(nnx.state(model))
+    mngr.save(
+        step,
+        args=ocp.args.Composite(
+            model=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(model_meta(config))
+        ),
+    )
+    mngr.wait_until_finished()
+    mngr.close()
+
+
+def restore_weights(
+    directory: str | os.PathLike,
+    model: nnx.Module,
+    step: int | None = None,
+    prefer_ema: bool = True,
+) -> dict:
+    """Load weights from an orbax checkpoint directory into ``model`` in place.
+
+    Takes the latest step unless ``step`` is given, and the ``ema`` item when it
+    exists (unless ``prefer_ema`` is False). Returns the checkpoint's ``meta``.
+    A checkpoint of another architecture raises :class:`WeightMismatchError`.
+    """
+    directory = os.path.abspath(directory)
+    mngr, step, item, items = _open_weights(directory, step, prefer_ema)
+    # The model's state may hold only the inference part (no aux branch) of a training
+    # checkpoint; check shapes of what the model needs and restore just that.
+    target = nnx.to_pure_dict(nnx.state(model))
+    saved = _flat_shapes(items[item].tree)
+    wanted = _flat_shapes(target)
+    _check_shapes(saved, wanted, f"{directory} step {step}", item)
+    extra = [k for k in saved if k not in wanted]
+    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
+    if extra:
+        # Restore everything and keep the model's part: orbax needs the saved tree's structure.
+        abstract = None
+    restored = mngr.restore(
+        step,
+        args=ocp.args.Composite(
+            **{item: ocp.args.StandardRestore(abstract)}, meta=ocp.args.JsonRestore()
+        ),
+    )
+    values = _select_like(target, restored[item])
+    state = nnx.state(model)
+    nnx.replace_by_pure_dict(state, values)
+    nnx.update(model, state)
+    mngr.close()
+    log.info(f"restored {item} weights from {directory} step {step}")
+    return dict(restored["meta"] or {})
+
+
+def saved_weight_names(
+    directory: str | os.PathLike, step: int | None = None, prefer_ema: bool = True
+) -> list[str]:
+    """The dotted names of the weights :func:`restore_weights` would read (from the
+    checkpoint's metadata; no arrays are loaded), e.g. to tell whether it has the aux branch."""
+    mngr, _, item, items = _open_weights(os.path.abspath(directory), step, prefer_ema)
+    mngr.close()
+    return list(_flat_shapes(items[item].tree))
+
+
+def _open_weights(directory: str, step: int | None, prefer_ema: bool) -> tuple:
+    """(manager, step, item name, item metadata) of the weights to read from ``directory``."""
+    if not os.path.isdir(directory):
+        raise FileNotFoundError(f"{directory}: no such checkpoint directory")
+    mngr = manager(directory)
+    step = mngr.latest_step() if step is None else step
+    if step is None:
+        raise FileNotFoundError(f"{directory}: contains no orbax checkpoint steps")
+    items = mngr.item_metadata(step)
+    names = [k for k in items.keys() if items[k] is not None]
+    item = "ema" if prefer_ema and "ema" in names else "model"
+    if item not in names:
+        raise WeightMismatchError(f"{directory} step {step} has no model weights (items: {names})")
+    return mngr, step, item, items
+
+
+def _select_like(target: Any, source: Any) -> Any:
+    """The subtree of ``source`` with ``target``'s structure (keys may be str in ``source``)."""
+    if isinstance(target, dict):
+        out = {}
+        for k, v in target.items():
+            sub = source[k] if k in source else source[str(k)]
+            out[k] = _select_like(v, sub)
+        return out
+    return source
+
+
+# --------------------------------------------------------------------------- training
+TRAIN_ITEMS = {**WEIGHT_ITEMS, "opt_state": ocp.StandardCheckpointHandler}
+
+
+def train_manager(directory: str | os.PathLike, keep: int) -> ocp.CheckpointManager:
+    """Keeps the last ``keep`` training checkpoints; saves asynchronously."""
+    opts = ocp.CheckpointManagerOptions(
+        max_to_keep=keep, create=True, enable_async_checkpointing=True
+    )
+    handlers = {name: handler() for name, handler in TRAIN_ITEMS.items()}
+    return ocp.CheckpointManager(os.path.abspath(directory), options=opts, item_handlers=handlers)
+
+
+def save_train_state(mngr: ocp.CheckpointManager, state: Any, meta: dict) -> None:
+    """Save a ``trainer.TrainState`` (weights, EMA, optimizer) at its step, plus ``meta``."""
+    model = nnx.to_pure_dict(nnx.merge_state(state.params, state.model_state))
+    mngr.save(
+        int(jax.device_get(state.step)),
+        args=ocp.args.Composite(
+            model=ocp.args.StandardSave(model),
+            ema=ocp.args.StandardSave(nnx.to_pure_dict(state.ema)),
+            opt_state=ocp.args.StandardSave(state.opt_state),
+            meta=ocp.args.JsonSave(meta),
+        ),
+    )
+
+
+def restore_train_state(mngr: ocp.CheckpointManager, template: Any, step: int | None = None):
+    """The ``TrainState`` saved at ``step`` (default: latest) and its meta.
+
+    ``template`` (a freshly created state, placed with the shardings wanted now) gives
+    the structure, dtypes and target shardings, so a checkpoint written on N devices
+    restores onto M.
+    """
+    step = mngr.latest_step() if step is None else step
+    full = nnx.merge_state(template.params, template.model_state)
+
+    def abstract(tree):
+        return jax.tree.map(ocp.utils.to_shape_dtype_struct, tree)
+
+    targets = {
+        "model": nnx.to_pure_dict(full),
+        "ema": nnx.to_pure_dict(template.ema),
+        "opt_state": template.opt_state,
+    }
+    saved = mngr.item_metadata(step)
+    missing = [k for k in targets if saved[k] is None]
+    if missing:
+        raise WeightMismatchError(f"training checkpoint step {step} lacks items {missing}")
+    for name in ("model", "ema"):
+        where = f"{mngr.directory} step {step}"
+        _check_shapes(_flat_shapes(saved[name].tree), _flat_shapes(targets[name]), where, name)
+    restored = mngr.restore(
+        step,
+        args=ocp.args.Composite(
+            **{k: ocp.args.StandardRestore(abstract(v)) for k, v in targets.items()},
+            meta=ocp.args.JsonRestore(),
+        ),
+    )
+    params, model_state, ema = template.params, template.model_state, template.ema
+    nnx.replace_by_pure_dict(params, _select_like(nnx.to_pure_dict(params), restored["model"]))
+    nnx.replace_by_pure_dict(
+        model_state, _select_like(nnx.to_pure_dict(model_state), restored["model"])
+    )
+    nnx.replace_by_pure_dict(ema, restored["ema"])
+    state = template.replace(
+        step=jax.numpy.asarray(step, jax.numpy.int32),
+        params=params,
+        model_state=model_state,
+        opt_state=restored["opt_state"],
+        ema=ema,
+    )
+    return state, dict(restored["meta"] or {})
+
+
+def _check_shapes(saved: dict, wanted: dict, where: Any, item: str) -> None:
+    """Raise :class:`WeightMismatchError` listing every missing or mis-shaped key."""
+    missing = [k for k in wanted if k not in saved]
+    mismatched = [
+        f"{k}: checkpoint {saved[k]}, model {s}"
+        for k, s in wanted.items()
+        if k in saved and saved[k] != s
+    ]
+    if missing or mismatched:
+        lines = [f"checkpoint {where} (item {item!r}) does not fit this model:"]
+        for title, keys in (("missing", missing), ("shape mismatch", mismatched)):
+            if keys:
+                lines += [f"  {title} ({len(keys)}):"] + [f"    {k}" for k in keys[:40]]
+        lines.append("  (was it written with another config?)")
+        raise WeightMismatchError("\n".join(lines))
