@@ -35,7 +35,8 @@ sys.path.insert(0, REPO)
 
 from nanodet_jax import runtime  # noqa: E402
 from nanodet_jax.config.loading import load_config  # noqa: E402
-from nanodet_jax.config.nanodet_yml import UnsupportedNanoDetConfig, write_nanodet_yml  # noqa: E402
+from nanodet_jax.config.nanodet_yml import UnsupportedNanoDetConfig  # noqa: E402
+from nanodet_jax.config.nanodet_yml_write import write_nanodet_yml  # noqa: E402
 
 # NanoDet file -> our config of the same model.
 PAIRS = {

@@ -16,7 +16,7 @@ import argparse
 import logging
 import sys
 
-from nanodet_jax.config.loading import load_config
+from nanodet_jax.cli import common as cli
 from nanodet_jax.data.check import check_dataset
 
 
@@ -29,7 +29,7 @@ def main(argv: list[str] | None = None) -> int:
     args, overrides = p.parse_known_args(argv)
 
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
-    config = load_config(args.config, overrides)
+    config = cli.read_config(args.config, overrides)
     roles = ("train", "val") if args.split == "both" else (args.split,)
     errors = 0
     for role in roles:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from typing import Any
 
 from flax import nnx
 
@@ -23,6 +24,19 @@ def setup_logging(level: int = logging.INFO) -> None:
         absl_logging.set_verbosity(absl_logging.WARNING)
     except ImportError:  # pragma: no cover
         pass
+
+
+def read_config(path: str, overrides: list[str]) -> Any:
+    """``load_config`` for an entry point: a user's mistake in the config file or an
+    override (a missing file, a typo in a field, a NanoDet .yml part not supported yet)
+    ends the program with one line naming it, not a traceback."""
+    from nanodet_jax.config.loading import load_config
+
+    try:
+        return load_config(path, overrides)
+    except (FileNotFoundError, KeyError, ValueError) as err:  # UnsupportedNanoDetConfig too
+        message = err.args[0] if err.args else str(err)
+        sys.exit(f"error: {message}")
 
 
 def add_weight_args(parser: argparse.ArgumentParser, required: bool = True) -> None:

@@ -14,7 +14,6 @@ from typing import Any
 
 from nanodet_jax import runtime
 from nanodet_jax.cli import common as cli
-from nanodet_jax.config.loading import load_config
 from nanodet_jax.models import DETECTORS, build_model
 from nanodet_jax.weights import checkpoint
 from nanodet_jax.weights.pytorch import (
@@ -51,7 +50,7 @@ def main(argv: list[str] | None = None) -> None:
     args, overrides = p.parse_known_args(argv)
     runtime.configure_xla()
     cli.setup_logging()
-    config = load_config(args.config, overrides)
+    config = cli.read_config(args.config, overrides)
     if args.torch_weights:
         sd, _ = extract_state_dict(read_torch_file(args.torch_weights), not args.no_ema)
         model = build_model(config, with_aux=_has_training_branches(config, sd))

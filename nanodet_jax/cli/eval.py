@@ -19,7 +19,6 @@ import time
 
 from nanodet_jax import runtime
 from nanodet_jax.cli import common as cli
-from nanodet_jax.config.loading import load_config
 from nanodet_jax.data.datasets import build_dataset
 from nanodet_jax.evaluation import coco_eval, evaluator_from_config
 from nanodet_jax.evaluation.predictor import Predictor
@@ -43,7 +42,7 @@ def main(argv: list[str] | None = None) -> dict:
     runtime.configure_xla()
     cli.setup_logging()
     runtime.enable_compilation_cache()
-    config = load_config(args.config, overrides)
+    config = cli.read_config(args.config, overrides)
     val = config.data.val
     dataset = build_dataset(val, config.get("class_names"), role="val")
     model = build_model(config, with_aux=False)

@@ -14,7 +14,6 @@ import time
 
 from nanodet_jax import runtime
 from nanodet_jax.cli import common as cli
-from nanodet_jax.config.loading import load_config
 from nanodet_jax.deploy.onnx_export import (
     INPUT_NAME,
     OPSET,
@@ -34,7 +33,7 @@ def main(argv: list[str] | None = None) -> None:
     args, overrides = p.parse_known_args(argv)
     runtime.configure_xla()
     cli.setup_logging()
-    config = load_config(args.config, overrides)
+    config = cli.read_config(args.config, overrides)
     model = build_model(config, with_aux=False)
     cli.load_weights(model, args)
     start = time.perf_counter()

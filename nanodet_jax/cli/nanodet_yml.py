@@ -12,8 +12,10 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from nanodet_jax.config.loading import load_config, split_overrides
-from nanodet_jax.config.nanodet_yml import UnsupportedNanoDetConfig, write_nanodet_yml
+from nanodet_jax.cli import common as cli
+from nanodet_jax.config.loading import split_overrides
+from nanodet_jax.config.nanodet_yml import UnsupportedNanoDetConfig
+from nanodet_jax.config.nanodet_yml_write import write_nanodet_yml
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -22,8 +24,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--config", required=True, help="e.g. configs/nanodet_plus_m.py")
     p.add_argument("--out", required=True, help="the .yml to write")
     args = p.parse_args(others)
+    config = cli.read_config(args.config, overrides)
     try:
-        write_nanodet_yml(load_config(args.config, overrides), args.out, args.config)
+        write_nanodet_yml(config, args.out, args.config)
     except UnsupportedNanoDetConfig as e:
         sys.exit(f"error: {e}")
     print(f"wrote {args.out}")

@@ -24,7 +24,6 @@ import os
 
 from nanodet_jax import runtime
 from nanodet_jax.cli import common as cli
-from nanodet_jax.config.loading import load_config
 from nanodet_jax.training import distributed
 from nanodet_jax.training.loop import train_and_evaluate
 
@@ -55,7 +54,7 @@ def main(argv: list[str] | None = None) -> dict:
     distributed.initialize(args.coordinator, args.num_processes, args.process_id)
     if not distributed.is_main_process():
         log.setLevel(logging.WARNING)
-    config = load_config(args.config, overrides)
+    config = cli.read_config(args.config, overrides)
     workdir = args.workdir or os.path.join("workdir", config.name)
     summary = train_and_evaluate(
         config, workdir, max_steps=args.max_steps, log_samples=args.log_samples,

@@ -361,3 +361,24 @@ def test_tfds_export_two_splits(tmp_path, capsys):
             assert a.image_id == b.image_id and (a.width, a.height) == (b.width, b.height)
             np.testing.assert_array_equal(a.labels, b.labels)
             np.testing.assert_allclose(a.boxes, b.boxes, rtol=0, atol=TFDS_ATOL)
+
+
+@pytest.mark.parametrize("entry", ["train", "eval", "export", "convert", "check_dataset"])
+def test_config_mistakes_end_with_one_line(tmp_path, entry, capsys):
+    """A typo in an override or an unsupported NanoDet .yml part: ``error: ...`` naming it,
+    exit status 1, no traceback (the entry points' ``cli.read_config``)."""
+    import importlib
+
+    main = importlib.import_module(f"nanodet_jax.cli.{entry}").main
+    yml = tmp_path / "legacy.yml"
+    yml.write_text("model:\n  arch:\n    name: OneStageDetector\n")
+    cases = [
+        ([CONFIG, "--config.model.arch.head.num_clases=3"], "no field 'num_clases'"),
+        ([str(yml)], "model.arch.name: 'OneStageDetector' is not supported yet"),
+    ]
+    weights = [] if entry in ("train", "check_dataset") else ["--torch-weights", "x.pth"]
+    for config, expected in cases:
+        with pytest.raises(SystemExit) as info:
+            main(["--config", config[0], *config[1:], *weights])
+        assert str(info.value).startswith("error: ") and expected in str(info.value)
+        assert "\n" not in str(info.value)

@@ -22,7 +22,8 @@ from nanodet_jax.cli import nanodet_yml as nanodet_yml_cli
 from nanodet_jax.config import nanodet_yml
 from nanodet_jax.config.defaults import nanodet_plus_config
 from nanodet_jax.config.loading import load_config
-from nanodet_jax.config.nanodet_yml import UnsupportedNanoDetConfig, our_field, write_nanodet_yml
+from nanodet_jax.config.nanodet_yml import UnsupportedNanoDetConfig, our_field
+from nanodet_jax.config.nanodet_yml_write import write_nanodet_yml
 from nanodet_jax.evaluation.coco_eval import STAT_NAMES
 from tests.conftest import REPO, config_path
 from tools.record_nanodet_yml import LEGACY, PAIRS, leaves
