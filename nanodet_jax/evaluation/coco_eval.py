@@ -33,6 +33,22 @@ STAT_NAMES = (
     "ARm",
     "ARl",
 )
+# NanoDet's CocoDetectionEvaluator names (``evaluator.save_key``) -> ours.
+NANODET_STAT_KEYS = {"mAP": "AP", "AP_50": "AP50", "AP_75": "AP75", "AP_small": "APs",
+                     "AP_m": "APm", "AP_l": "APl"}  # fmt: skip
+
+
+def save_key_stat(save_key: str) -> str:
+    """The stat ``evaluator.save_key`` (NanoDet's name, or ours) selects the best model by."""
+    stat = NANODET_STAT_KEYS.get(save_key, save_key)
+    if stat not in STAT_NAMES:
+        raise ValueError(
+            f"evaluator.save_key {save_key!r} is not a COCO metric; use one of "
+            f"{', '.join(NANODET_STAT_KEYS)} (NanoDet's names) or {', '.join(STAT_NAMES)}"
+        )
+    return stat
+
+
 # The names NanoDet logs for the first six.
 NANODET_NAMES = ("mAP", "AP_50", "AP_75", "AP_small", "AP_m", "AP_l")
 

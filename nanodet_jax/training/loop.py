@@ -163,7 +163,8 @@ def train_and_evaluate(
     state = jax.device_put(state, distributed.replicated(mesh))
 
     history = TrainingLog(workdir, enabled=main_process, progress_bar=progress_bar)
-    best_map = -1.0
+    best_map = -1.0  # of best_stat, evaluator.save_key's metric (NanoDet's default: mAP)
+    best_stat = coco_eval.save_key_stat((config.get("evaluator") or {}).get("save_key", "mAP"))
     if mngr.latest_step() is not None:
         state, meta = checkpoint.restore_train_state(mngr, state)
         best_map = float(meta.get("best_map", -1.0))
@@ -234,8 +235,8 @@ def train_and_evaluate(
         if val_due or done == total_steps:
             stats = evaluate(graphdef, state, config, val_set, epoch + 1)
             history.log_eval(done, epoch + 1, stats)
-            if stats["AP"] > best_map:
-                best_map = stats["AP"]
+            if stats[best_stat] > best_map:
+                best_map = stats[best_stat]
                 checkpoint.save_weights(
                     os.path.join(workdir, "best"), trainer.merge_for_eval(graphdef, state.ema),
                     config, step=done, keep=1,
