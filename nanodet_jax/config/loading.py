@@ -29,7 +29,17 @@ def load_config_file(path: str | os.PathLike) -> ml_collections.ConfigDict:
     return module.get_config()
 
 
-def _parse_value(text: str, current: Any) -> Any:
+# Fields that take a boolean or a path (NanoDet's ``pretrain: True``, or a checkpoint).
+BOOL_OR_PATH_FIELDS = ("pretrain",)
+BOOLEAN_WORDS = ("true", "1", "yes", "false", "0", "no")
+
+
+def _parse_value(text: str, current: Any, leaf: str = "") -> Any:
+    if leaf in BOOL_OR_PATH_FIELDS:
+        lowered = text.lower()
+        if lowered in BOOLEAN_WORDS:
+            return lowered in ("true", "1", "yes")
+        return None if lowered in ("none", "null") else text
     if isinstance(current, str):
         return text
     if isinstance(current, bool) or text.lower() in ("true", "false"):
@@ -76,9 +86,11 @@ def apply_overrides(config: ml_collections.ConfigDict, overrides: Sequence[str])
         if leaf not in node:
             raise KeyError(f"--config.{dotted}: no field {leaf!r}; fields here: {sorted(node)}")
         current = node[leaf]
-        value = _parse_value(text, current)
+        value = _parse_value(text, current, leaf)
         if isinstance(node, ml_collections.ConfigDict):
             with node.unlocked():
+                if type(value) is not type(current) and leaf in BOOL_OR_PATH_FIELDS:
+                    del node[leaf]  # a path where the file said True: no type to keep
                 setattr(node, leaf, value)
         else:
             node[leaf] = value

@@ -8,7 +8,7 @@ import os
 import numpy as np
 import pytest
 
-from nanodet_jax.config.loading import load_config, split_overrides
+from nanodet_jax.config.loading import apply_overrides, load_config, split_overrides
 from nanodet_jax.models import build_model
 from nanodet_jax.weights.pytorch import model_variables, to_torch_layout
 from tests.conftest import REPO, config_path
@@ -48,6 +48,20 @@ def test_overrides_are_typed():
     assert c.data.val.ann_file == "/a/b.json"
     assert c.test.nms_pre == 500 and c.grad_clip == 10.0 and isinstance(c.grad_clip, float)
     assert c.data.val.keep_ratio is True and c.model.arch.head.strides == [8, 16]
+
+
+def test_pretrain_takes_a_path_where_the_config_says_true():
+    """NanoDet's .yml says ``pretrain: True`` (a bool field); an override may still name a
+    torchvision checkpoint, or switch it off; other bool fields stay strictly boolean."""
+    config = load_config(
+        config_path("nanodet_plus_m.py"), ["--config.model.arch.backbone.pretrain=True"]
+    )
+    for text, value in (("/w/shufflenetv2.pth", "/w/shufflenetv2.pth"), ("false", False),
+                        ("None", None), ("true", True)):  # fmt: skip
+        apply_overrides(config, [f"--config.model.arch.backbone.pretrain={text}"])
+        assert config.model.arch.backbone.pretrain == value
+    with pytest.raises(ValueError, match="expected a boolean, got '/a.pth'"):
+        apply_overrides(config, ["--config.data.val.keep_ratio=/a.pth"])
 
 
 def test_unknown_override_is_an_error():
