@@ -9,6 +9,7 @@ from typing import Any
 
 from flax import nnx
 
+from nanodet_jax import runtime
 from nanodet_jax.weights import checkpoint
 from nanodet_jax.weights.pytorch import load_torch_weights
 
@@ -24,6 +25,15 @@ def setup_logging(level: int = logging.INFO) -> None:
         absl_logging.set_verbosity(absl_logging.WARNING)
     except ImportError:  # pragma: no cover
         pass
+
+
+def start(compilation_cache: bool = True) -> None:
+    """What every entry point does first: our XLA settings (before JAX computes
+    anything), logging, and the persistent compilation cache."""
+    runtime.configure_xla()
+    setup_logging()
+    if compilation_cache:
+        runtime.enable_compilation_cache()
 
 
 def read_config(path: str, overrides: list[str]) -> Any:

@@ -12,7 +12,6 @@ import logging
 from collections.abc import Iterable
 from typing import Any
 
-from nanodet_jax import runtime
 from nanodet_jax.cli import common as cli
 from nanodet_jax.models import DETECTORS, build_model
 from nanodet_jax.weights import checkpoint
@@ -48,8 +47,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     p.add_argument("--no-ema", action="store_true", help="take raw, not EMA, weights of a .ckpt")
     args, overrides = p.parse_known_args(argv)
-    runtime.configure_xla()
-    cli.setup_logging()
+    cli.start()
     config = cli.read_config(args.config, overrides)
     if args.torch_weights:
         sd, _ = extract_state_dict(read_torch_file(args.torch_weights), not args.no_ema)

@@ -17,7 +17,6 @@ import os
 import sys
 import time
 
-from nanodet_jax import runtime
 from nanodet_jax.cli import common as cli
 from nanodet_jax.data.datasets import build_dataset
 from nanodet_jax.evaluation import coco_eval, evaluator_from_config
@@ -39,9 +38,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[
 
 def main(argv: list[str] | None = None) -> dict:
     args, overrides = parse_args(argv)
-    runtime.configure_xla()
-    cli.setup_logging()
-    runtime.enable_compilation_cache()
+    cli.start()
     config = cli.read_config(args.config, overrides)
     val = config.data.val
     dataset = build_dataset(val, config.get("class_names"), role="val")

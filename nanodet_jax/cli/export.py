@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import time
 
-from nanodet_jax import runtime
 from nanodet_jax.cli import common as cli
 from nanodet_jax.deploy.onnx_export import (
     INPUT_NAME,
@@ -31,8 +30,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out", default="nanodet.onnx", help="output .onnx path")
     p.add_argument("--benchmark", type=int, default=0, help="also time N onnxruntime runs")
     args, overrides = p.parse_known_args(argv)
-    runtime.configure_xla()
-    cli.setup_logging()
+    cli.start()
     config = cli.read_config(args.config, overrides)
     model = build_model(config, with_aux=False)
     cli.load_weights(model, args)

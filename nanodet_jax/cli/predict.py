@@ -23,7 +23,6 @@ from collections.abc import Sequence
 
 import cv2
 
-from nanodet_jax import runtime
 from nanodet_jax.cli import common as cli
 from nanodet_jax.config.loading import load_config, split_overrides
 from nanodet_jax.data.coco import read_image
@@ -111,8 +110,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--score-thr", type=float, default=0.35, help="drawing threshold")
     others, overrides = split_overrides(sys.argv[1:] if argv is None else argv)
     args = p.parse_args(others)
-    runtime.configure_xla()
-    cli.setup_logging()
+    cli.start()
     predictor = load_predictor(
         args.config, args.torch_weights, args.checkpoint, overrides, args.step
     )

@@ -22,7 +22,6 @@ import json
 import logging
 import os
 
-from nanodet_jax import runtime
 from nanodet_jax.cli import common as cli
 from nanodet_jax.training import distributed
 from nanodet_jax.training.loop import train_and_evaluate
@@ -48,9 +47,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[
 
 def main(argv: list[str] | None = None) -> dict:
     args, overrides = parse_args(argv)
-    runtime.configure_xla()
-    cli.setup_logging()
-    runtime.enable_compilation_cache()
+    cli.start()
     distributed.initialize(args.coordinator, args.num_processes, args.process_id)
     if not distributed.is_main_process():
         log.setLevel(logging.WARNING)
