@@ -25,6 +25,7 @@ import pytest
 from flax import nnx
 
 from nanodet_jax.models.necks import NECKS
+from nanodet_jax.models.norm import LayerNorm
 from nanodet_jax.models.resize import interpolate_bilinear
 from nanodet_jax.testing import array_digest, normal_input, random_state_dict
 from nanodet_jax.weights.pytorch import load_torch_weights, model_variables, to_torch_layout
@@ -130,6 +131,15 @@ def test_bilinear_resize_matches_torch(golden) -> None:
             x, size=None if size is None else tuple(size), scale_factor=scale
         )
         check(out, arrays[f"resize/{name}"], 1e-6, name)
+
+
+def test_layer_norm_has_pytorchs_eps() -> None:
+    # nn.LayerNorm's default eps (1e-5; NanoDet keeps it) only shows on low-variance
+    # tokens: the golden's tokens have variance ~1, where 1e-6 would pass unnoticed.
+    x = normal_input(5, (2, 6, 32)) * 1e-3
+    mean = x.astype(np.float64).mean(-1, keepdims=True)
+    var = np.square(x - mean).mean(-1, keepdims=True)
+    check(LayerNorm(32)(jnp.asarray(x)), (x - mean) / np.sqrt(var + 1e-5), 1e-5, "LayerNorm")
 
 
 def test_unsupported_arguments_fail_clearly() -> None:
