@@ -142,6 +142,36 @@ def test_layer_norm_has_pytorchs_eps() -> None:
     check(LayerNorm(32)(jnp.asarray(x)), (x - mean) / np.sqrt(var + 1e-5), 1e-5, "LayerNorm")
 
 
+def test_initialisation_is_nanodets() -> None:
+    """Spread of every parameter at nanodet-m / nanodet-t widths, as NanoDet initialises."""
+    levels = {"in_channels": [116, 232, 464]}
+    pan = NECKS.build(
+        {"name": "PAN", **levels, "out_channels": 96, "num_outs": 3}, rngs=nnx.Rngs(0)
+    )
+    for conv in pan.lateral_convs:  # xavier_uniform, zero bias
+        w = np.asarray(conv.conv.weight[...])
+        bound = np.sqrt(6.0 / (w.shape[2] + w.shape[3]))
+        assert np.abs(w).max() <= bound and abs(w.std() / (bound / np.sqrt(3)) - 1) < 0.05
+        assert not np.any(np.asarray(conv.conv.bias[...]))
+    tan_cfg = {"name": "TAN", **levels, "out_channels": 128, "feature_hw": [20, 20]}
+    tan_cfg.update(num_heads=8, num_encoders=1, mlp_ratio=4, dropout_ratio=0.1)
+    variables = model_variables(NECKS.build(tan_cfg, rngs=nnx.Rngs(0)))
+    for key, var in variables.items():
+        v = np.asarray(var[...], np.float64)
+        leaf = key.rsplit(".", 1)[-1]
+        if key.endswith("conv.weight"):  # normal_init(m, 0.01): mean 0.01, std 1
+            assert abs(v.std() - 1) < 0.05 and abs(v.mean() - 0.01) < 0.05, key
+        elif leaf == "in_proj_weight":  # nn.MultiheadAttention's xavier_uniform
+            bound = np.sqrt(6.0 / (v.shape[0] + v.shape[1]))
+            assert np.abs(v).max() <= bound and abs(v.std() * np.sqrt(3) / bound - 1) < 0.05, key
+        elif leaf == "pos_embed" or (leaf == "weight" and v.ndim == 2):  # trunc_normal 0.02
+            assert abs(v.std() / 0.02 - 1) < 0.05 and abs(v.mean()) < 0.002, key
+        elif leaf in ("running_var", "weight"):  # BatchNorm / LayerNorm identity
+            assert np.all(v == 1), key
+        else:  # biases, running means, batch counters
+            assert not np.any(v), key
+
+
 def test_unsupported_arguments_fail_clearly() -> None:
     rngs = nnx.Rngs(0)
     with pytest.raises(ValueError, match="num_outs 2 < the 3 levels"):

@@ -14,16 +14,23 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import jax
+import jax.numpy as jnp
 from flax import nnx
 
-from nanodet_jax.models.layers import ConvModule, concat_channels, normal, random_normal
+from nanodet_jax.models.layers import ConvModule, concat_channels, random_normal
 from nanodet_jax.models.resize import interpolate_bilinear
 from nanodet_jax.models.transformer import TransformerBlock
 
-# NanoDet's TAN init: convs N(0, 0.01), Linear layers and the position embedding
-# (truncated, at +-2 absolute: no truncation in practice) N(0, 0.02), zero biases.
-CONV_STD = 0.01
+# NanoDet's TAN init: Linear layers and the position embedding N(0, 0.02) (truncated at
+# +-2 absolute: no truncation in practice), zero biases. Its convs get
+# ``normal_init(m, 0.01)``, whose second parameter is the *mean*: N(0.01, 1), not
+# N(0, 0.01); reproduced as NanoDet trains it.
+CONV_MEAN, CONV_STD = 0.01, 1.0
 LINEAR_STD = 0.02
+
+
+def _conv_init(key: jax.Array, shape: tuple[int, ...], dtype=jnp.float32) -> jax.Array:
+    return (CONV_MEAN + random_normal(key, shape, CONV_STD)).astype(dtype)
 
 
 class TAN(nnx.Module):
@@ -53,7 +60,7 @@ class TAN(nnx.Module):
                     1,
                     norm_cfg={"type": "BN"},
                     activation=activation,
-                    kernel_init=normal(CONV_STD),
+                    kernel_init=_conv_init,
                     rngs=rngs,
                 )
                 for c in self.in_channels
@@ -67,12 +74,14 @@ class TAN(nnx.Module):
             mlp_ratio,
             dropout_ratio,
             activation=activation,
-            conv_init=normal(CONV_STD),
+            conv_init=_conv_init,
             linear_std=LINEAR_STD,
             rngs=rngs,
         )
         tokens = self.feature_hw[0] * self.feature_hw[1]
-        self.pos_embed = nnx.Param(random_normal(rngs.params(), (tokens, 1, out_channels), 0.02))
+        self.pos_embed = nnx.Param(
+            random_normal(rngs.params(), (tokens, 1, out_channels), LINEAR_STD)
+        )
 
     def __call__(self, inputs: Sequence[jax.Array]) -> tuple[jax.Array, ...]:
         if len(inputs) != 3:
