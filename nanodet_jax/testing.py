@@ -47,12 +47,17 @@ def random_state_dict(
             out[name] = rng.uniform(0.5, 2.0, shape).astype(np.float32)
         elif leaf == "scale" and len(shape) == 0:  # Scale module of the aux head
             out[name] = np.asarray(rng.uniform(0.8, 1.2), dtype=np.float32)
+        elif leaf == "pos_embed":  # TAN's learned position embedding
+            out[name] = rng.normal(0.0, 0.5, shape).astype(np.float32)
+        elif leaf == "in_proj_weight" or (leaf == "weight" and len(shape) == 2):
+            # nn.Linear / attention projections [out, in]: unit-variance outputs.
+            out[name] = rng.normal(0.0, np.sqrt(1.0 / shape[1]), shape).astype(np.float32)
         elif len(shape) == 4:  # conv kernel, OIHW
             fan_in = shape[1] * shape[2] * shape[3]
             out[name] = rng.normal(0.0, np.sqrt(2.0 / fan_in), shape).astype(np.float32)
         elif leaf == "weight":  # norm scale
             out[name] = rng.uniform(0.6, 1.4, shape).astype(np.float32)
-        elif leaf == "bias":
+        elif leaf in ("bias", "in_proj_bias"):
             out[name] = rng.normal(0.0, 0.2, shape).astype(np.float32)
         else:
             raise ValueError(f"random_state_dict: don't know how to fill {name!r} {shape}")

@@ -100,3 +100,20 @@ def build_norm(norm_cfg: dict | None, channels: int) -> tuple[str, nnx.Module] |
     if kind == "GN":
         return "gn", GroupNorm(norm_cfg["num_groups"], channels, eps=eps)
     raise ValueError(f"unsupported norm type {kind!r} (use BN, SyncBN or GN)")
+
+
+class LayerNorm(nnx.Module):
+    """``nn.LayerNorm`` over the last axis (biased variance, eps inside the square root)."""
+
+    def __init__(self, dim: int, eps: float = 1e-5):
+        self.eps = eps
+        self.weight = nnx.Param(jnp.ones((dim,), jnp.float32))
+        self.bias = nnx.Param(jnp.zeros((dim,), jnp.float32))
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        xf = x.astype(jnp.float32)
+        mean = jnp.mean(xf, axis=-1, keepdims=True)
+        centered = xf - mean
+        var = jnp.mean(jnp.square(centered), axis=-1, keepdims=True)
+        y = centered * lax.rsqrt(var + self.eps) * self.weight[...] + self.bias[...]
+        return y.astype(x.dtype)
