@@ -27,11 +27,17 @@ import pytest
 from flax import nnx
 
 from nanodet_jax.models.backbones import BACKBONES
+from nanodet_jax.models.backbones.pretrained import load_pretrained_backbone
 from nanodet_jax.models.backbones.repvgg import RepVGG, repvgg_det_model_convert
 from nanodet_jax.models.backbones.resnet import Bottleneck, ResNet
 from nanodet_jax.models.layers import Conv2d
 from nanodet_jax.testing import array_digest, normal_input, random_state_dict
-from nanodet_jax.weights.pytorch import load_torch_weights, model_variables, to_torch_layout
+from nanodet_jax.weights.pytorch import (
+    WeightMismatchError,
+    load_torch_weights,
+    model_variables,
+    to_torch_layout,
+)
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 GOLDEN = os.path.join(REPO, "tests", "data", "golden_backbones_1.npz")
@@ -189,3 +195,29 @@ def test_random_init_is_nanodets():
     w = np.asarray(repvgg.stage3[1].rbr_dense[0].weight[...])
     bound = 1 / np.sqrt(192 * 9)
     assert np.abs(w).max() <= bound and np.abs(w).max() > 0.99 * bound
+
+
+def test_imagenet_resnet_loads_as_nanodets_pretrain(golden, tmp_path, monkeypatch):
+    """A torchvision-format ResNet-18 (``fc.*`` included) loads as NanoDet's strict=False
+    load does: every backbone tensor from the file, the classifier left out, and then the
+    outputs NanoDet gave on those tensors. ``pretrain=True`` names NanoDet's file."""
+    meta, arrays = golden
+    spec = meta["variants"]["resnet18"]
+    state = random_state_dict({k: tuple(s) for k, s in spec["torch_keys"]}, spec["weight_seed"])
+    state |= {"fc.weight": np.ones((1000, 512), np.float32), "fc.bias": np.zeros(1000, np.float32)}
+    model = build(meta, "resnet18")
+    report = load_pretrained_backbone(model, state)
+    assert sorted(report.loaded) == sorted(model_variables(model))
+    model.eval()
+    for i, out in enumerate(model(loaded(meta, "resnet18")[1])):
+        rel, _ = rel_error(out, arrays[f"resnet18/eval/{i}"], MAX_REL)
+        assert rel <= MAX_REL, f"stage {i}: rel {rel:.2e}"
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    with pytest.raises(FileNotFoundError, match="ResNet-18 .*resnet18-5c106cde.pth"):
+        load_pretrained_backbone(model, True)
+    with pytest.raises(WeightMismatchError, match="torchvision's ResNet-50 .*no key of this"):
+        load_pretrained_backbone(build(meta, "resnet50_short"), {"x.weight": np.ones(3)})
+    mbv2 = BACKBONES.build({"name": "MobileNetV2"}, rngs=nnx.Rngs(0))
+    assert load_pretrained_backbone(mbv2, None) is None
+    with pytest.raises(ValueError, match="no ImageNet weights for MobileNetV2"):
+        load_pretrained_backbone(mbv2, True)
