@@ -1,20 +1,22 @@
-"""ImageNet-pretrained ShuffleNetV2 backbones from torchvision checkpoints, as NanoDet starts.
+"""ImageNet-pretrained backbones from torchvision checkpoints, as NanoDet starts.
 
-NanoDet's ShuffleNetV2 (``pretrain=True``, its default) downloads torchvision's ImageNet
-weights and loads them with ``load_state_dict(strict=False)``. Here the config field
-``model.arch.backbone.pretrain`` selects them:
+NanoDet's ShuffleNetV2 and ResNet (``pretrain=True``, their default) download torchvision's
+ImageNet weights and load them with ``load_state_dict(strict=False)``. (Its MobileNetV2
+and RepVGG have no ``pretrain``: they always start from random weights.) Here the config
+field ``model.arch.backbone.pretrain`` selects them:
 
 * ``None`` / ``False`` (our default): random init, NanoDet's ``pretrain=False``.
-* ``True``: torchvision's file for the model size from the torch hub cache
+* ``True``: torchvision's file for the model size (ResNet: depth) from the torch hub cache
   (``$TORCH_HOME/hub/checkpoints``, default ``~/.cache/torch/hub/checkpoints``), where
   NanoDet's download puts it; nothing is downloaded.
 * a path: that torchvision-format ``.pth`` (e.g. ``shufflenetv2_x1-5666bf0f80.pth``).
 
 The mapping is convert.py's rule: torchvision's keys are NanoDet's (``conv1.0.weight``,
-``stage2.0.branch1.0.weight``, ...), which are our backbone's variable paths. What NanoDet
-leaves out is ignored: ``fc.*`` (the classifier) and ``conv5.*`` (torchvision's last conv
-is a top-level module, NanoDet's optional one lives at ``stage4.conv5``, so its
-``strict=False`` load never fills it; our backbone has no conv5). Unlike NanoDet's
+``stage2.0.branch1.0.weight``, ``layer1.0.conv1.weight`` ...), which are our backbone's
+variable paths. What NanoDet leaves out is ignored: ``fc.*`` (the classifier) and, for
+ShuffleNetV2, ``conv5.*`` (torchvision's last conv is a top-level module, NanoDet's
+optional one lives at ``stage4.conv5``, so its ``strict=False`` load never fills it; our
+backbone has no conv5). Unlike NanoDet's
 ``strict=False``, anything else missing, unexpected or mis-shaped stops the load with one
 :class:`~nanodet_jax.weights.pytorch.WeightMismatchError` listing every key. Only
 ``num_batches_tracked`` may be absent (checkpoints older than PyTorch 0.4.1 lack it; it
@@ -24,6 +26,7 @@ when ``init_from`` or a resumed checkpoint provides the weights.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 from collections.abc import Mapping
@@ -32,6 +35,8 @@ from typing import Any
 import numpy as np
 from flax import nnx
 
+from nanodet_jax.models.backbones.resnet import ResNet
+from nanodet_jax.models.backbones.shufflenetv2 import ShuffleNetV2
 from nanodet_jax.weights.pytorch import (
     LoadReport,
     extract_state_dict,
@@ -50,6 +55,13 @@ TORCHVISION_FILES = {
     "1.5x": "shufflenetv2_x1_5-3c479a10.pth",
     "2.0x": "shufflenetv2_x2_0-8be3c8ee.pth",
 }
+RESNET_FILES = {
+    18: "resnet18-5c106cde.pth",
+    34: "resnet34-333f7ec4.pth",
+    50: "resnet50-19c8e357.pth",
+    101: "resnet101-5d3b4d8f.pth",
+    152: "resnet152-b121ed2d.pth",
+}
 IGNORED_PREFIXES = ("fc.", "conv5.")
 OPTIONAL_SUFFIX = "num_batches_tracked"
 CONFIG_FIELD = "model.arch.backbone.pretrain"
@@ -57,25 +69,61 @@ CONFIG_FIELD = "model.arch.backbone.pretrain"
 Weights = bool | str | os.PathLike | Mapping[str, Any] | None
 
 
-def torch_hub_checkpoint(model_size: str) -> str:
+@dataclasses.dataclass(frozen=True)
+class Family:
+    """What differs between the backbones NanoDet starts from ImageNet."""
+
+    name: str
+    cls: type
+    variant_attr: str  # the backbone attribute that picks the file (model_size, depth)
+    files: Mapping[Any, str]
+    ignored_prefixes: tuple[str, ...]
+
+    def describe(self, variant: Any) -> str:
+        return f"{self.name} {variant}" if self.name != "ResNet" else f"ResNet-{variant}"
+
+
+FAMILIES = {
+    "ShuffleNetV2": Family(
+        "ShuffleNetV2", ShuffleNetV2, "model_size", TORCHVISION_FILES, IGNORED_PREFIXES
+    ),
+    "ResNet": Family("ResNet", ResNet, "depth", RESNET_FILES, ("fc.",)),
+}
+
+
+def family_of(backbone: nnx.Module) -> Family:
+    """The ImageNet family of a backbone instance (subclasses included)."""
+    for family in FAMILIES.values():
+        if isinstance(backbone, family.cls):
+            return family
+    raise ValueError(
+        f"{CONFIG_FIELD}: NanoDet has no ImageNet weights for {type(backbone).__name__} "
+        f"(only {', '.join(FAMILIES)}); leave {CONFIG_FIELD} unset"
+    )
+
+
+def torch_hub_checkpoint(model_size: Any, family: Family = FAMILIES["ShuffleNetV2"]) -> str:
     """Where ``torch.hub`` (and so NanoDet's download) keeps torchvision's file for a size."""
     import torch.hub
 
-    return os.path.join(torch.hub.get_dir(), "checkpoints", TORCHVISION_FILES[model_size])
+    return os.path.join(torch.hub.get_dir(), "checkpoints", family.files[model_size])
 
 
-def resolve(pretrain: Weights, model_size: str) -> str | Mapping[str, Any] | None:
+def resolve(
+    pretrain: Weights, model_size: Any, family: Family = FAMILIES["ShuffleNetV2"]
+) -> str | Mapping[str, Any] | None:
     """The weights a ``pretrain`` value names: None (random init), a path, or the mapping."""
     if pretrain is None or pretrain is False:
         return None
     if pretrain is True:
-        path = torch_hub_checkpoint(model_size)
+        path = torch_hub_checkpoint(model_size, family)
         if not os.path.isfile(path):
+            file = family.files[model_size]
             raise FileNotFoundError(
-                f"{CONFIG_FIELD}=True loads torchvision's ImageNet ShuffleNetV2 {model_size} "
+                f"{CONFIG_FIELD}=True loads torchvision's ImageNet {family.describe(model_size)} "
                 f"from the torch hub cache, but {path} does not exist (nothing is downloaded "
-                f"here). Put {TORCHVISION_URL}{TORCHVISION_FILES[model_size]} there, or give "
-                f"the file: --config.{CONFIG_FIELD}=/path/to/{TORCHVISION_FILES[model_size]}"
+                f"here). Put {TORCHVISION_URL}{file} there, or give "
+                f"the file: --config.{CONFIG_FIELD}=/path/to/{file}"
             )
         return path
     if isinstance(pretrain, (str, os.PathLike)):
@@ -85,30 +133,34 @@ def resolve(pretrain: Weights, model_size: str) -> str | Mapping[str, Any] | Non
     raise TypeError(f"{CONFIG_FIELD} must be None, a bool or a path, got {pretrain!r}")
 
 
-def _hint(state: Mapping[str, Any], wanted: Mapping[str, Any], model_size: str) -> str:
+def _hint(state: Mapping[str, Any], wanted: Mapping[str, Any], variant: Any, family: Family) -> str:
     """Closing advice for a mismatch: what kind of file this looks like."""
     expected = (
-        f"{CONFIG_FIELD} takes torchvision's ShuffleNetV2 {model_size} ImageNet weights "
-        f"({TORCHVISION_FILES[model_size]}); {', '.join(p + '*' for p in IGNORED_PREFIXES)} "
+        f"{CONFIG_FIELD} takes torchvision's {family.describe(variant)} ImageNet weights "
+        f"({family.files[variant]}); {', '.join(p + '*' for p in family.ignored_prefixes)} "
         "are ignored"
     )
     if state and all(k.startswith("backbone.") for k in state):
         return expected + "; this looks like a whole-detector checkpoint: use init_from"
     if not any(k in wanted for k in state):
-        return expected + "; no key of this file is a ShuffleNetV2 key"
+        return expected + f"; no key of this file is a {family.name} key"
     return expected
 
 
 def load_pretrained_backbone(
     backbone: nnx.Module, weights: Weights, model_size: str | None = None
 ) -> LoadReport | None:
-    """Load a torchvision-format ShuffleNetV2 checkpoint into ``backbone`` in place.
+    """Load a torchvision-format ShuffleNetV2 / ResNet checkpoint into ``backbone`` in place.
 
     ``weights`` is a ``pretrain`` value (see the module docstring) or a state_dict
-    mapping; ``model_size`` defaults to the backbone's. Returns None for no weights.
+    mapping; ``model_size`` (ResNet: the depth) defaults to the backbone's. Returns None
+    for no weights.
     """
-    model_size = model_size or backbone.model_size
-    resolved = resolve(weights, model_size)
+    if weights is None or weights is False:
+        return None
+    family = family_of(backbone)
+    model_size = model_size or getattr(backbone, family.variant_attr)
+    resolved = resolve(weights, model_size, family)
     if resolved is None:
         return None
     if isinstance(resolved, Mapping):
@@ -116,12 +168,13 @@ def load_pretrained_backbone(
     else:
         source, raw = resolved, read_torch_file(resolved)
     state, _ = extract_state_dict(raw)
-    ignored = [k for k in state if k.startswith(IGNORED_PREFIXES)]
+    ignored = [k for k in state if k.startswith(family.ignored_prefixes)]
     state = {k: v for k, v in state.items() if k not in ignored}
     if ignored:
-        log.info(f"ImageNet backbone: left out {len(ignored)} tensors (fc.*, conv5.*) as NanoDet")
+        kinds = ", ".join(p + "*" for p in family.ignored_prefixes)
+        log.info(f"ImageNet backbone: left out {len(ignored)} tensors ({kinds}) as NanoDet")
     variables = model_variables(backbone)
-    hint = _hint(state, variables, model_size)
+    hint = _hint(state, variables, model_size, family)
     # Keep the model's own counter where the file has none (loading it back is a no-op).
     for k, var in variables.items():
         if k.endswith(OPTIONAL_SUFFIX) and k not in state:
