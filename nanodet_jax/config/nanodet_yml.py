@@ -106,6 +106,8 @@ NAMED_SECTIONS = (
     ),
     ("evaluator", ("CocoDetectionEvaluator",), ("name", "save_key")),
 )
+# NanoDet backbones whose constructor defaults to pretrain=True.
+PRETRAINED_BY_DEFAULT = ("ShuffleNetV2", "ResNet", "EfficientNetLite", "GhostNet")
 PRECISION_IN = {32: "fp32", 16: "bf16"}
 PRECISION_OUT = {"fp32": 32, "32": 32, "float32": 32, "bf16": 16, "bfloat16": 16}
 
@@ -265,8 +267,9 @@ def from_nanodet_dict(raw: Mapping, source: str = "<nanodet config>") -> ml_coll
     from nanodet_jax.models.backbones import BACKBONES
 
     backbone = arch["backbone"]
-    if backbone["name"] == "ShuffleNetV2" and "pretrain" in _module_keys(BACKBONES["ShuffleNetV2"]):
-        # NanoDet's ShuffleNetV2 starts from ImageNet unless the file says otherwise.
+    name = backbone["name"]
+    if name in PRETRAINED_BY_DEFAULT and "pretrain" in _module_keys(BACKBONES[name]):
+        # These NanoDet backbones start from ImageNet unless the file says otherwise.
         backbone.setdefault("pretrain", True)
     c["model"] = {"weight_averager": dict(averager), "arch": arch}
 

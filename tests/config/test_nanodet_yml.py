@@ -168,7 +168,7 @@ def _set(tree: dict, dotted: str, value: Any) -> None:
     "field, value, expected",
     [
         ("model.arch.backbone.name", "TIMMWrapper", "model.arch.backbone.name: 'TIMMWrapper'"),
-        ("model.arch.fpn.name", "PAN", "model.arch.fpn.name: 'PAN' is not supported yet"),
+        ("model.arch.fpn.name", "BiFPN", "model.arch.fpn.name: 'BiFPN' is not supported yet"),
         ("model.arch.head.share_cls_reg", True, "model.arch.head.share_cls_reg: True"),
         ("model.arch.head.loss.loss_bbox.name", "IoULoss", "loss_bbox.name: 'IoULoss'"),
         ("model.weight_averager.name", "Other", "weight_averager.name: 'Other'"),
