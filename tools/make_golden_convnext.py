@@ -23,6 +23,8 @@ stages.N.*, head.*), the layout of timm's released checkpoints. The script also 
 on the reference side, the two file layouts ``load_timm_checkpoint`` accepts: the
 wrapper's weights saved as the feature net's state_dict load through timm's own
 ``checkpoint_path``, and renamed to the whole model's keys they give the same stages.
+``meta["nanodet_yml"]`` is NanoDet's :data:`YML` as parsed content (``yaml.safe_load``),
+so that the suite loads it without a NanoDet checkout.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ import sys
 import tempfile
 
 import numpy as np
+import yaml
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO not in sys.path:
@@ -48,6 +51,7 @@ from tools.torchvision_cpu import import_torchvision  # noqa: E402
 WEIGHT_SEED = 11
 INPUT_SEED = 12
 INPUT_SHAPE = (2, 3, 64, 64)
+YML = "config/convnext/nanodet-plus_convnext-nano_640.yml"
 VARIANTS: dict[str, dict] = {
     # The smallest registered variant, as NanoDet's convnext yml configures convnext_nano.
     "atto": {
@@ -176,6 +180,8 @@ def main(argv: list[str] | None = None) -> None:
         print(f"{name}: {len(variant_arrays)} arrays; worst float32 noise {worst:.2e}")
     expected = [arrays[f"atto/eval/{i}"] for i in range(3)]
     meta["classifier_keys"] = check_checkpoint_layouts(models["atto"], expected)
+    with open(os.path.join(args.ref_path, YML), encoding="utf-8") as f:
+        meta["nanodet_yml"] = yaml.safe_load(f)
     arrays["meta"] = np.asarray(json.dumps(meta, sort_keys=True))
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     np.savez_compressed(args.out, **arrays)

@@ -167,7 +167,7 @@ def _set(tree: dict, dotted: str, value: Any) -> None:
 @pytest.mark.parametrize(
     "field, value, expected",
     [
-        ("model.arch.backbone.name", "TIMMWrapper", "model.arch.backbone.name: 'TIMMWrapper'"),
+        ("model.arch.backbone.name", "RepVGG", "model.arch.backbone.name: 'RepVGG'"),
         ("model.arch.fpn.name", "PAN", "model.arch.fpn.name: 'PAN' is not supported yet"),
         ("model.arch.head.share_cls_reg", True, "model.arch.head.share_cls_reg: True"),
         ("model.arch.head.loss.loss_bbox.name", "IoULoss", "loss_bbox.name: 'IoULoss'"),
