@@ -47,6 +47,9 @@ def random_state_dict(
             out[name] = rng.uniform(0.5, 2.0, shape).astype(np.float32)
         elif leaf == "scale" and len(shape) == 0:  # Scale module of the aux head
             out[name] = np.asarray(rng.uniform(0.8, 1.2), dtype=np.float32)
+        elif leaf == "gamma":  # ConvNeXt layer scale: far from its 1e-6 init, or the
+            # residual branches (everything but the shortcuts) would not show in the output
+            out[name] = rng.uniform(0.3, 1.0, shape).astype(np.float32)
         elif leaf == "pos_embed":  # TAN's learned position embedding
             out[name] = rng.normal(0.0, 0.5, shape).astype(np.float32)
         elif leaf == "in_proj_weight" or (leaf == "weight" and len(shape) == 2):

@@ -167,7 +167,7 @@ def _set(tree: dict, dotted: str, value: Any) -> None:
 @pytest.mark.parametrize(
     "field, value, expected",
     [
-        ("model.arch.backbone.name", "TIMMWrapper", "model.arch.backbone.name: 'TIMMWrapper'"),
+        ("model.arch.backbone.name", "VoVNet", "model.arch.backbone.name: 'VoVNet'"),
         ("model.arch.fpn.name", "BiFPN", "model.arch.fpn.name: 'BiFPN' is not supported yet"),
         ("model.arch.head.share_cls_reg", True, "model.arch.head.share_cls_reg: True"),
         ("model.arch.head.loss.loss_bbox.name", "IoULoss", "loss_bbox.name: 'IoULoss'"),

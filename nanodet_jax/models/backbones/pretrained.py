@@ -186,14 +186,29 @@ def load_pretrained_for_training(
     model: nnx.Module, config: Any, *, resuming: bool
 ) -> LoadReport | None:
     """train.py's start point: ``pretrain`` weights into ``model.backbone``, unless the run
-    resumes or ``init_from`` gives every weight (both would overwrite them anyway)."""
-    pretrain = (config.model.arch.get("backbone") or {}).get("pretrain")
-    if pretrain is None or pretrain is False:
+    resumes or ``init_from`` gives every weight (both would overwrite them anyway).
+
+    A ``TIMMWrapper`` backbone takes timm's fields instead (``pretrained`` /
+    ``checkpoint_path``, see ``timm_convnext.checkpoint_for_training``)."""
+    backbone_cfg = config.model.arch.get("backbone") or {}
+    timm = backbone_cfg.get("name") == "TIMMWrapper"
+    if timm:
+        field = "model.arch.backbone.checkpoint_path"
+        wanted = bool(backbone_cfg.get("checkpoint_path")) or backbone_cfg.get("pretrained", True)
+    else:
+        field, pretrain = CONFIG_FIELD, backbone_cfg.get("pretrain")
+        wanted = pretrain is not None and pretrain is not False
+    if not wanted:
         return None
     if config.get("init_from"):
-        log.info(f"{CONFIG_FIELD} not loaded: init_from provides the weights")
+        log.info(f"{field} not loaded: init_from provides the weights")
         return None
     if resuming:
-        log.info(f"{CONFIG_FIELD} not loaded: the run resumes from its checkpoint")
+        log.info(f"{field} not loaded: the run resumes from its checkpoint")
         return None
+    if timm:
+        from nanodet_jax.models.backbones import timm_convnext
+
+        path = timm_convnext.checkpoint_for_training(backbone_cfg)  # raises for a download
+        return timm_convnext.load_timm_checkpoint(model.backbone, path)
     return load_pretrained_backbone(model.backbone, pretrain)
