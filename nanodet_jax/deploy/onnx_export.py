@@ -28,7 +28,10 @@ from typing import Any
 import numpy as np
 
 from nanodet_jax.data import transforms
-from nanodet_jax.deploy import onnx_nanodet  # noqa: F401  (registers NanoDet-Plus's emitters)
+from nanodet_jax.deploy import (
+    onnx_legacy,  # noqa: F401  (the legacy GFL heads' emitters)
+    onnx_nanodet,  # noqa: F401  (registers NanoDet-Plus's emitters)
+)
 from nanodet_jax.deploy.onnx_graph import OnnxGraph, Value, onnx
 from nanodet_jax.models.detectors.base import Detector
 
