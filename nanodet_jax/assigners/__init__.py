@@ -1,12 +1,15 @@
 """Label assigners, selected by ``assigner_cfg.name`` of a head's config.
 
 NanoDet-Plus's ``assigner_cfg`` carries no name (it is always the dynamic soft label
-assigner); a name, when given, must be one of these.
+assigner); a name, when given, must be one of these. The legacy GFL heads always use
+ATSS (``topk`` 9) on grid cells, with a signature of its own (see ``atss.py``).
 """
 
+from nanodet_jax.assigners.atss import assign as atss_assign
 from nanodet_jax.assigners.dynamic_soft_label import assign as dynamic_soft_label_assign
 from nanodet_jax.registry import Registry
 
 ASSIGNERS = Registry(
-    "model.arch.head.assigner_cfg", {"DynamicSoftLabelAssigner": dynamic_soft_label_assign}
+    "model.arch.head.assigner_cfg",
+    {"DynamicSoftLabelAssigner": dynamic_soft_label_assign, "ATSSAssigner": atss_assign},
 )

@@ -31,6 +31,7 @@ from nanodet_jax.data import transforms
 from nanodet_jax.deploy import (
     onnx_backbones_1,  # noqa: F401  (ResNet, MobileNetV2, RepVGG)
     onnx_convnext,  # noqa: F401  (TIMMWrapper's ConvNeXt)
+    onnx_legacy,  # noqa: F401  (the legacy GFL heads' emitters)
     onnx_nanodet,  # noqa: F401  (registers NanoDet-Plus's emitters)
     onnx_necks,  # noqa: F401  (FPN, PAN, TAN)
 )

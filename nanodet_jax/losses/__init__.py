@@ -13,7 +13,18 @@ import functools
 from collections.abc import Callable
 
 from nanodet_jax.losses.gfl import distribution_focal_loss, quality_focal_loss
-from nanodet_jax.losses.iou import GIOU_EPS, giou_loss
+from nanodet_jax.losses.iou import (
+    BOUNDED_IOU_BETA,
+    BOUNDED_IOU_EPS,
+    DIOU_EPS,
+    GIOU_EPS,
+    IOU_EPS,
+    bounded_iou_loss,
+    ciou_loss,
+    diou_loss,
+    giou_loss,
+    iou_loss,
+)
 from nanodet_jax.registry import Registry
 
 
@@ -41,10 +52,41 @@ def generalized_iou(eps: float = GIOU_EPS, reduction: str = "mean") -> Callable:
     return functools.partial(giou_loss, eps=float(eps))
 
 
+def plain_iou(eps: float = IOU_EPS, reduction: str = "mean") -> Callable:
+    _mean_reduction("IoULoss", reduction)
+    return functools.partial(iou_loss, eps=float(eps))
+
+
+def distance_iou(eps: float = DIOU_EPS, reduction: str = "mean") -> Callable:
+    _mean_reduction("DIoULoss", reduction)
+    return functools.partial(diou_loss, eps=float(eps))
+
+
+def complete_iou(eps: float = DIOU_EPS, reduction: str = "mean") -> Callable:
+    _mean_reduction("CIoULoss", reduction)
+    return functools.partial(ciou_loss, eps=float(eps))
+
+
+def bounded_iou(
+    beta: float = BOUNDED_IOU_BETA, eps: float = BOUNDED_IOU_EPS, reduction: str = "mean"
+) -> Callable:
+    _mean_reduction("BoundedIoULoss", reduction)
+    return functools.partial(bounded_iou_loss, beta=float(beta), eps=float(eps))
+
+
 CLASSIFICATION_LOSSES = Registry(
     "model.arch.head.loss.loss_qfl", {"QualityFocalLoss": quality_focal}
 )
 DISTRIBUTION_LOSSES = Registry(
     "model.arch.head.loss.loss_dfl", {"DistributionFocalLoss": distribution_focal}
 )
-BOX_LOSSES = Registry("model.arch.head.loss.loss_bbox", {"GIoULoss": generalized_iou})
+BOX_LOSSES = Registry(
+    "model.arch.head.loss.loss_bbox",
+    {
+        "GIoULoss": generalized_iou,
+        "IoULoss": plain_iou,
+        "DIoULoss": distance_iou,
+        "CIoULoss": complete_iou,
+        "BoundedIoULoss": bounded_iou,
+    },
+)
