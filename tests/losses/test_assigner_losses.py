@@ -34,8 +34,8 @@ from nanodet_jax.models import build_model
 from nanodet_jax.models.detectors.nanodet_plus import assign_from_aux, nanodet_plus_loss
 from nanodet_jax.testing import array_digest, normal_input, random_state_dict
 from nanodet_jax.weights.pytorch import load_torch_weights, model_variables, to_torch_layout
+from tests.conftest import REPO
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GOLDEN = os.path.join(REPO, "tests", "data", "golden_train.npz")
 TERMS = ("loss_qfl", "loss_bbox", "loss_dfl", "aux_loss_qfl", "aux_loss_bbox", "aux_loss_dfl")
 LOSS_CFG = {
@@ -49,7 +49,10 @@ NUM_CLASSES, REG_MAX = 5, 7
 @pytest.fixture(scope="module")
 def golden():
     if not os.path.isfile(GOLDEN):
-        pytest.skip("tests/data/golden_train.npz is absent; run tools/make_golden_train.py")
+        pytest.fail(
+            "tests/data/golden_train.npz is absent (a committed fixture); run tools/make_golden_train.py",
+            pytrace=False,
+        )
     with np.load(GOLDEN) as data:
         arrays = {k: data[k] for k in data.files}
     meta = json.loads(str(arrays.pop("meta")))

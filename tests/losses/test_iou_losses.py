@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 
 from nanodet_jax.losses import BOX_LOSSES
+from tests.conftest import REPO
 
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 GOLDEN = os.path.join(REPO, "tests", "data", "golden_atss.npz")
 MAX_REL = 1e-5
 
@@ -22,7 +22,10 @@ MAX_REL = 1e-5
 @pytest.fixture(scope="module")
 def golden():
     if not os.path.isfile(GOLDEN):
-        pytest.skip("tests/data/golden_atss.npz is absent; run tools/make_golden_atss.py")
+        pytest.fail(
+            "tests/data/golden_atss.npz is absent (a committed fixture); run tools/make_golden_atss.py",
+            pytrace=False,
+        )
     with np.load(GOLDEN) as data:
         arrays = {k: data[k] for k in data.files}
     return json.loads(str(arrays.pop("meta")))["iou"], arrays

@@ -38,8 +38,8 @@ from nanodet_jax.weights.pytorch import (
     model_variables,
     to_torch_layout,
 )
+from tests.conftest import REPO
 
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 GOLDEN = os.path.join(REPO, "tests", "data", "golden_backbones_1.npz")
 VARIANTS = ("resnet18", "resnet50_short", "mobilenetv2", "repvgg_a0")
 MAX_REL, NOISE_FACTOR, RTOL = 1e-5, 10.0, 1e-4

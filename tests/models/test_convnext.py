@@ -32,8 +32,8 @@ from nanodet_jax.models.backbones.timm_convnext import (
 )
 from nanodet_jax.testing import array_digest, normal_input, random_state_dict
 from nanodet_jax.weights.pytorch import load_torch_weights, model_variables, to_torch_layout
+from tests.conftest import REPO
 
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 GOLDEN = os.path.join(REPO, "tests", "data", "golden_convnext.npz")
 MAX_REL = 1e-5
 
@@ -41,7 +41,10 @@ MAX_REL = 1e-5
 @pytest.fixture(scope="module")
 def golden():
     if not os.path.isfile(GOLDEN):
-        pytest.skip("tests/data/golden_convnext.npz is absent; run tools/make_golden_convnext.py")
+        pytest.fail(
+            "tests/data/golden_convnext.npz is absent (a committed fixture); run tools/make_golden_convnext.py",
+            pytrace=False,
+        )
     with np.load(GOLDEN) as data:
         arrays = {k: data[k] for k in data.files}
     return json.loads(str(arrays.pop("meta"))), arrays

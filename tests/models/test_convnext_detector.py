@@ -20,9 +20,8 @@ from nanodet_jax.config.loading import load_config
 from nanodet_jax.models import build_model
 from nanodet_jax.testing import random_state_dict
 from nanodet_jax.weights.pytorch import load_torch_weights, model_variables, to_torch_layout
-from tests.conftest import config_path
+from tests.conftest import REPO, config_path
 
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 GOLDEN = os.path.join(REPO, "tests", "data", "golden_convnext.npz")
 # Where our config differs from the file by choice: NanoDet's paths are relative to its
 # checkout's data folder.
@@ -52,7 +51,10 @@ def flat(tree, prefix: str = "") -> dict:
 @pytest.fixture(scope="module")
 def yml_path(tmp_path_factory) -> str:
     if not os.path.isfile(GOLDEN):
-        pytest.skip("tests/data/golden_convnext.npz is absent; run tools/make_golden_convnext.py")
+        pytest.fail(
+            "tests/data/golden_convnext.npz is absent (a committed fixture); run tools/make_golden_convnext.py",
+            pytrace=False,
+        )
     with np.load(GOLDEN) as data:
         content = json.loads(str(data["meta"]))["nanodet_yml"]
     path = tmp_path_factory.mktemp("yml") / "nanodet-plus_convnext-nano_640.yml"

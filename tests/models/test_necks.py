@@ -29,8 +29,8 @@ from nanodet_jax.models.norm import LayerNorm
 from nanodet_jax.models.resize import interpolate_bilinear
 from nanodet_jax.testing import array_digest, normal_input, random_state_dict
 from nanodet_jax.weights.pytorch import load_torch_weights, model_variables, to_torch_layout
+from tests.conftest import REPO
 
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 GOLDEN = os.path.join(REPO, "tests", "data", "golden_necks.npz")
 VARIANTS = ("fpn", "fpn_levels_gn", "pan", "pan_bn", "tan")
 MAX_REL, NOISE_FACTOR, RTOL = 1e-5, 10.0, 1e-4
@@ -39,7 +39,10 @@ MAX_REL, NOISE_FACTOR, RTOL = 1e-5, 10.0, 1e-4
 @pytest.fixture(scope="module")
 def golden():
     if not os.path.isfile(GOLDEN):
-        pytest.skip("tests/data/golden_necks.npz is absent; run tools/make_golden_necks.py")
+        pytest.fail(
+            "tests/data/golden_necks.npz is absent (a committed fixture); run tools/make_golden_necks.py",
+            pytrace=False,
+        )
     with np.load(GOLDEN) as data:
         arrays = {k: data[k] for k in data.files}
     return json.loads(str(arrays.pop("meta"))), arrays

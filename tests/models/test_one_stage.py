@@ -30,8 +30,8 @@ from nanodet_jax.models import build_model
 from nanodet_jax.models.detectors.one_stage import one_stage_loss
 from nanodet_jax.testing import array_digest, normal_input, random_state_dict
 from nanodet_jax.weights.pytorch import load_torch_weights, model_variables, to_torch_layout
+from tests.conftest import REPO
 
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 GOLDEN = os.path.join(REPO, "tests", "data", "golden_legacy.npz")
 VARIANTS = ("gfl", "nanodet_dw", "nanodet_conv")
 GRAD_VARIANTS = ("gfl", "nanodet_dw")  # the fixture's gradients (each ~100 s to compile)
@@ -41,7 +41,10 @@ TERMS = ("loss_qfl", "loss_bbox", "loss_dfl")
 @pytest.fixture(scope="module")
 def golden():
     if not os.path.isfile(GOLDEN):
-        pytest.skip("tests/data/golden_legacy.npz is absent; run tools/make_golden_legacy.py")
+        pytest.fail(
+            "tests/data/golden_legacy.npz is absent (a committed fixture); run tools/make_golden_legacy.py",
+            pytrace=False,
+        )
     with np.load(GOLDEN) as data:
         arrays = {k: data[k] for k in data.files}
     meta = json.loads(str(arrays.pop("meta")))

@@ -16,7 +16,7 @@ import pytest
 from nanodet_jax.ops import conv3x3
 from nanodet_jax.ops.conv3x3 import ENV_VAR, conv3x3_lax
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 # (N, H, W, C, K): odd and even sizes (cropped edge tiles), channel counts that are not
 # multiples of the vector width or of the output panel, a 1x1 image, the aux head's shape.

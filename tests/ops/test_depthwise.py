@@ -18,7 +18,7 @@ import pytest
 from nanodet_jax.ops import depthwise_conv2d
 from nanodet_jax.ops.depthwise import ENV_VAR, depthwise_conv2d_lax
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 # (N, H, W, C, K, stride, padding): K 3/5, stride 1/2, padding K//2 and 0, odd and even
 # spatial sizes, channel counts that are not multiples of the vector width, batch 1 and 3.

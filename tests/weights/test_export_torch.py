@@ -19,8 +19,8 @@ from nanodet_jax.config.loading import load_config
 from nanodet_jax.models import build_model
 from nanodet_jax.testing import random_state_dict
 from nanodet_jax.weights.pytorch import load_torch_weights, save_torch_weights
+from tests.conftest import REPO
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GOLDEN_KEYS = os.path.join(REPO, "tests", "data", "golden_torch_keys.json")
 CONFIGS = (
     "configs/nanodet_plus_m.py",
