@@ -50,7 +50,7 @@ NUM_CLASSES, REG_MAX = 5, 7
 def golden():
     if not os.path.isfile(GOLDEN):
         pytest.fail(
-            "tests/data/golden_train.npz is absent (a committed fixture); run tools/make_golden_train.py",
+            "tests/data/golden_train.npz is absent: run tools/make_golden_train.py",
             pytrace=False,
         )
     with np.load(GOLDEN) as data:

@@ -23,7 +23,7 @@ GOLDEN = os.path.join(REPO, "tests", "data", "golden_atss.npz")
 def golden():
     if not os.path.isfile(GOLDEN):
         pytest.fail(
-            "tests/data/golden_atss.npz is absent (a committed fixture); run tools/make_golden_atss.py",
+            "tests/data/golden_atss.npz is absent: run tools/make_golden_atss.py",
             pytrace=False,
         )
     with np.load(GOLDEN) as data:

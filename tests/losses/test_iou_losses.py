@@ -23,7 +23,7 @@ MAX_REL = 1e-5
 def golden():
     if not os.path.isfile(GOLDEN):
         pytest.fail(
-            "tests/data/golden_atss.npz is absent (a committed fixture); run tools/make_golden_atss.py",
+            "tests/data/golden_atss.npz is absent: run tools/make_golden_atss.py",
             pytrace=False,
         )
     with np.load(GOLDEN) as data:

@@ -42,7 +42,7 @@ MAX_REL = 1e-5
 def golden():
     if not os.path.isfile(GOLDEN):
         pytest.fail(
-            "tests/data/golden_convnext.npz is absent (a committed fixture); run tools/make_golden_convnext.py",
+            "tests/data/golden_convnext.npz is absent: run tools/make_golden_convnext.py",
             pytrace=False,
         )
     with np.load(GOLDEN) as data:

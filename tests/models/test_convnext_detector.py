@@ -52,7 +52,7 @@ def flat(tree, prefix: str = "") -> dict:
 def yml_path(tmp_path_factory) -> str:
     if not os.path.isfile(GOLDEN):
         pytest.fail(
-            "tests/data/golden_convnext.npz is absent (a committed fixture); run tools/make_golden_convnext.py",
+            "tests/data/golden_convnext.npz is absent: run tools/make_golden_convnext.py",
             pytrace=False,
         )
     with np.load(GOLDEN) as data:

@@ -40,7 +40,7 @@ MAX_REL, NOISE_FACTOR, RTOL = 1e-5, 10.0, 1e-4
 def golden():
     if not os.path.isfile(GOLDEN):
         pytest.fail(
-            "tests/data/golden_necks.npz is absent (a committed fixture); run tools/make_golden_necks.py",
+            "tests/data/golden_necks.npz is absent: run tools/make_golden_necks.py",
             pytrace=False,
         )
     with np.load(GOLDEN) as data:

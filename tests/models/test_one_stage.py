@@ -42,7 +42,7 @@ TERMS = ("loss_qfl", "loss_bbox", "loss_dfl")
 def golden():
     if not os.path.isfile(GOLDEN):
         pytest.fail(
-            "tests/data/golden_legacy.npz is absent (a committed fixture); run tools/make_golden_legacy.py",
+            "tests/data/golden_legacy.npz is absent: run tools/make_golden_legacy.py",
             pytrace=False,
         )
     with np.load(GOLDEN) as data:
