@@ -16,8 +16,9 @@ The file is what NanoDet's deploy demos (ncnn, MNN, OpenVINO) load:
 
 The graph is written directly from the model's parameters (no tracing): the detector's
 ``onnx_graph`` calls the emitters of ``onnx_graph.py`` (shared layers) and of its family
-(``onnx_nanodet.py``), each writing the ONNX nodes of one module's ``__call__`` (checked
-against it by ``tests/deploy/test_export_onnx.py``).
+(``onnx_nanodet.py``; ``onnx_backbones_2.py`` for EfficientNet-Lite, GhostNet and
+CustomCspNet), each writing the ONNX nodes of one module's ``__call__`` (checked against
+it by ``tests/deploy/test_export_onnx.py`` and ``tests/deploy/test_onnx_backbones_2.py``).
 """
 
 from __future__ import annotations
@@ -28,7 +29,10 @@ from typing import Any
 import numpy as np
 
 from nanodet_jax.data import transforms
-from nanodet_jax.deploy import onnx_nanodet  # noqa: F401  (registers NanoDet-Plus's emitters)
+from nanodet_jax.deploy import (  # noqa: F401  (they register their modules' emitters)
+    onnx_backbones_2,
+    onnx_nanodet,
+)
 from nanodet_jax.deploy.onnx_graph import OnnxGraph, Value, onnx
 from nanodet_jax.models.detectors.base import Detector
 
