@@ -18,6 +18,9 @@ deeper stages, where the reference itself is 7.6e-6 / 7.8e-6 away from float64 a
 output under the project's tuned XLA CPU flags (``runtime.CPU_FLAGS``) 3.9e-5 (4.6e-6
 without them).
 
+``test_efficientnet_lite_imagenet_file``: RangiLyu/EfficientNet-Lite's released file layout
+(NanoDet's ``pretrain``) loads into the backbone and reproduces the eval golden.
+
 ``rel = max|ours - ref| / max|ref|``, and elementwise ``|ours - ref| <= 1e-4 |ref| + tol
 max|ref|`` (``test_golden_parity.compare``).
 """
@@ -34,6 +37,7 @@ import pytest
 from flax import nnx
 
 from nanodet_jax.models.backbones import BACKBONES, efficientnet_lite
+from nanodet_jax.models.backbones.pretrained import load_pretrained_backbone
 from nanodet_jax.testing import array_digest, normal_input, random_state_dict
 from nanodet_jax.weights.pytorch import load_torch_weights, model_variables, to_torch_layout
 from tests.models.test_golden_parity import compare
@@ -168,11 +172,61 @@ def test_drop_connect_semantics() -> None:
     np.testing.assert_allclose(dropped[~zero], branch[~zero] / (1 - rate), rtol=1e-4, atol=1e-5)
     assert 0 < zero.sum() < 64, zero.sum()  # ~15 of 256 expected
 
-    # The whole network: eval is deterministic, train draws new masks on every call.
+    # The whole network in train mode draws new masks on every call (eval mode's output is
+    # the reference's, test_parity).
+    net.train()
     forward = nnx.jit(lambda m, x: m(x))
     x = jnp.asarray(normal_input(1, (8, 32, 32, 3)))
-    a, b = forward(net, x)[0], forward(net, x)[0]
-    np.testing.assert_array_equal(a, b)
-    net.train()
-    c, d = forward(net, x)[0], forward(net, x)[0]
-    assert not np.array_equal(c, d), "train-mode drop connect did not draw new masks"
+    first, second = forward(net, x)[0], forward(net, x)[0]
+    assert not np.array_equal(first, second), "train-mode drop connect did not draw new masks"
+
+
+def _lite_file(spec: dict) -> dict[str, np.ndarray]:
+    """A state_dict in RangiLyu/EfficientNet-Lite's classifier layout: the golden backbone's
+    weights plus the 1280-channel head conv and the classifier NanoDet's backbone lacks."""
+    shapes = {k: tuple(s) for k, s in spec["torch_keys"]}
+    head = {"head.0.weight": (1280, 320, 1, 1), "fc.weight": (1000, 1280), "fc.bias": (1000,)}
+    head.update({f"head.1.{k}": (1280,) for k in ("weight", "bias", "running_mean")})
+    head.update({"head.1.running_var": (1280,), "head.1.num_batches_tracked": ()})
+    return {**random_state_dict(head, 5), **random_state_dict(shapes, spec["weight_seed"])}
+
+
+def test_efficientnet_lite_imagenet_file(golden, tmp_path, monkeypatch) -> None:
+    """The released file loads by rule (head.* and fc.* left out, as NanoDet's strict=False
+    load leaves them), giving NanoDet's EfficientNet-Lite0 on those weights; ``True`` reads
+    ``efficientnet_lite0.pth`` from the torch hub cache, and says where to put it."""
+    torch = pytest.importorskip("torch")
+    meta, arrays = golden
+    spec = meta["nets"]["efficientnet_lite0"]
+    state = _lite_file(spec)
+    model = _build(spec)
+    report = load_pretrained_backbone(model, state)
+    assert sorted(report.loaded) == sorted(model_variables(model))
+    assert sorted(set(state) - set(report.loaded)) == sorted(
+        k for k in state if k.startswith(("head.", "fc."))
+    )
+    x = normal_input(spec["input_seed"], spec["input_shape_nchw"]).transpose(0, 2, 3, 1)
+    outs, _ = _run(model, jnp.asarray(x), "eval")
+    for i, out in enumerate(outs):
+        rel, ok = compare(out, arrays[f"efficientnet_lite0/eval/{i}"])
+        assert rel <= MAX_REL and ok, (i, rel)
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    with pytest.raises(FileNotFoundError, match="efficientnet_lite0.pth") as e:
+        load_pretrained_backbone(_build(spec), True)
+    assert "RangiLyu/EfficientNet-Lite/releases/download/v1.0/efficientnet_lite0.pth" in str(
+        e.value
+    )
+    cache = tmp_path / "hub" / "checkpoints"
+    cache.mkdir(parents=True)
+    torch.save(
+        {k: torch.from_numpy(np.array(v)) for k, v in state.items()},
+        cache / "efficientnet_lite0.pth",
+    )
+    model = _build(spec)
+    load_pretrained_backbone(model, True)
+    got = np.asarray(model_variables(model)["blocks.5.3._bn1.running_var"][...])
+    np.testing.assert_array_equal(got, state["blocks.5.3._bn1.running_var"])
+
+    with pytest.raises(ValueError, match="no ImageNet weights for CustomCspNet"):
+        load_pretrained_backbone(_build(meta["nets"]["custom_csp"]), True)

@@ -1,14 +1,20 @@
-"""ImageNet-pretrained ShuffleNetV2 backbones from torchvision checkpoints, as NanoDet starts.
+"""ImageNet-pretrained backbones (ShuffleNetV2, EfficientNet-Lite), as NanoDet starts them.
 
-NanoDet's ShuffleNetV2 (``pretrain=True``, its default) downloads torchvision's ImageNet
-weights and loads them with ``load_state_dict(strict=False)``. Here the config field
-``model.arch.backbone.pretrain`` selects them:
+NanoDet's ShuffleNetV2 and EfficientNet-Lite (``pretrain=True``, their default) download
+ImageNet weights and load them with ``load_state_dict(strict=False)``: torchvision's
+ShuffleNetV2 files, and for EfficientNet-Lite the ``efficientnet_lite<n>.pth`` releases of
+RangiLyu/EfficientNet-Lite (its classifier's keys: ``stem.*``, ``blocks.<stage>.<block>.*``
+as here, plus the 1280-channel ``head.*`` conv and ``fc.*``, which NanoDet's backbone
+lacks). Here the config field ``model.arch.backbone.pretrain`` selects them:
 
 * ``None`` / ``False`` (our default): random init, NanoDet's ``pretrain=False``.
-* ``True``: torchvision's file for the model size from the torch hub cache
+* ``True``: the file for the model size / name from the torch hub cache
   (``$TORCH_HOME/hub/checkpoints``, default ``~/.cache/torch/hub/checkpoints``), where
   NanoDet's download puts it; nothing is downloaded.
-* a path: that torchvision-format ``.pth`` (e.g. ``shufflenetv2_x1-5666bf0f80.pth``).
+* a path: that file (e.g. ``shufflenetv2_x1-5666bf0f80.pth``, ``efficientnet_lite0.pth``).
+
+The rest of this docstring describes ShuffleNetV2; EfficientNet-Lite works the same way
+with ``head.*`` and ``fc.*`` left out.
 
 The mapping is convert.py's rule: torchvision's keys are NanoDet's (``conv1.0.weight``,
 ``stage2.0.branch1.0.weight``, ...), which are our backbone's variable paths. What NanoDet
@@ -24,6 +30,7 @@ when ``init_from`` or a resumed checkpoint provides the weights.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 from collections.abc import Mapping
@@ -54,28 +61,77 @@ IGNORED_PREFIXES = ("fc.", "conv5.")
 OPTIONAL_SUFFIX = "num_batches_tracked"
 CONFIG_FIELD = "model.arch.backbone.pretrain"
 
+
+@dataclasses.dataclass(frozen=True)
+class PretrainedFiles:
+    """Where a backbone family's ImageNet files come from and what NanoDet leaves out."""
+
+    family: str  # as in messages: "ShuffleNetV2"
+    origin: str  # whose files: "torchvision's"
+    variant_attr: str  # the backbone attribute that picks the file (model_size, model_name)
+    url: str
+    files: Mapping[str, str]
+    ignored_prefixes: tuple[str, ...]
+
+
+EFFICIENTNET_LITE_URL = "https://github.com/RangiLyu/EfficientNet-Lite/releases/download/v1.0/"
+FAMILIES: dict[str, PretrainedFiles] = {
+    "ShuffleNetV2": PretrainedFiles(
+        "ShuffleNetV2",
+        "torchvision's",
+        "model_size",
+        TORCHVISION_URL,
+        TORCHVISION_FILES,
+        IGNORED_PREFIXES,
+    ),
+    "EfficientNetLite": PretrainedFiles(
+        "EfficientNet-Lite",
+        "RangiLyu/EfficientNet-Lite's",
+        "model_name",
+        EFFICIENTNET_LITE_URL,
+        {f"efficientnet_lite{i}": f"efficientnet_lite{i}.pth" for i in range(5)},
+        ("head.", "fc."),
+    ),
+}
+
+
+def _family(backbone: nnx.Module) -> PretrainedFiles:
+    name = type(backbone).__name__
+    if name not in FAMILIES:
+        raise ValueError(
+            f"{CONFIG_FIELD}: no ImageNet weights for {name} (NanoDet's recipes pretrain "
+            f"{', '.join(FAMILIES)})"
+        )
+    return FAMILIES[name]
+
+
 Weights = bool | str | os.PathLike | Mapping[str, Any] | None
 
 
-def torch_hub_checkpoint(model_size: str) -> str:
-    """Where ``torch.hub`` (and so NanoDet's download) keeps torchvision's file for a size."""
+def torch_hub_checkpoint(
+    model_size: str, family: PretrainedFiles = FAMILIES["ShuffleNetV2"]
+) -> str:
+    """Where ``torch.hub`` (and so NanoDet's download) keeps a family's file for a variant."""
     import torch.hub
 
-    return os.path.join(torch.hub.get_dir(), "checkpoints", TORCHVISION_FILES[model_size])
+    return os.path.join(torch.hub.get_dir(), "checkpoints", family.files[model_size])
 
 
-def resolve(pretrain: Weights, model_size: str) -> str | Mapping[str, Any] | None:
+def resolve(
+    pretrain: Weights, model_size: str, family: PretrainedFiles = FAMILIES["ShuffleNetV2"]
+) -> str | Mapping[str, Any] | None:
     """The weights a ``pretrain`` value names: None (random init), a path, or the mapping."""
     if pretrain is None or pretrain is False:
         return None
     if pretrain is True:
-        path = torch_hub_checkpoint(model_size)
+        path = torch_hub_checkpoint(model_size, family)
         if not os.path.isfile(path):
+            file = family.files[model_size]
             raise FileNotFoundError(
-                f"{CONFIG_FIELD}=True loads torchvision's ImageNet ShuffleNetV2 {model_size} "
-                f"from the torch hub cache, but {path} does not exist (nothing is downloaded "
-                f"here). Put {TORCHVISION_URL}{TORCHVISION_FILES[model_size]} there, or give "
-                f"the file: --config.{CONFIG_FIELD}=/path/to/{TORCHVISION_FILES[model_size]}"
+                f"{CONFIG_FIELD}=True loads {family.origin} ImageNet {family.family} "
+                f"{model_size} from the torch hub cache, but {path} does not exist (nothing "
+                f"is downloaded here). Put {family.url}{file} there, or give the file: "
+                f"--config.{CONFIG_FIELD}=/path/to/{file}"
             )
         return path
     if isinstance(pretrain, (str, os.PathLike)):
@@ -85,30 +141,35 @@ def resolve(pretrain: Weights, model_size: str) -> str | Mapping[str, Any] | Non
     raise TypeError(f"{CONFIG_FIELD} must be None, a bool or a path, got {pretrain!r}")
 
 
-def _hint(state: Mapping[str, Any], wanted: Mapping[str, Any], model_size: str) -> str:
+def _hint(
+    state: Mapping[str, Any], wanted: Mapping[str, Any], model_size: str, family: PretrainedFiles
+) -> str:
     """Closing advice for a mismatch: what kind of file this looks like."""
     expected = (
-        f"{CONFIG_FIELD} takes torchvision's ShuffleNetV2 {model_size} ImageNet weights "
-        f"({TORCHVISION_FILES[model_size]}); {', '.join(p + '*' for p in IGNORED_PREFIXES)} "
-        "are ignored"
+        f"{CONFIG_FIELD} takes {family.origin} {family.family} {model_size} ImageNet weights "
+        f"({family.files[model_size]}); "
+        f"{', '.join(p + '*' for p in family.ignored_prefixes)} are ignored"
     )
     if state and all(k.startswith("backbone.") for k in state):
         return expected + "; this looks like a whole-detector checkpoint: use init_from"
     if not any(k in wanted for k in state):
-        return expected + "; no key of this file is a ShuffleNetV2 key"
+        return expected + f"; no key of this file is a {family.family} key"
     return expected
 
 
 def load_pretrained_backbone(
     backbone: nnx.Module, weights: Weights, model_size: str | None = None
 ) -> LoadReport | None:
-    """Load a torchvision-format ShuffleNetV2 checkpoint into ``backbone`` in place.
+    """Load an ImageNet checkpoint of the backbone's family into ``backbone`` in place.
 
     ``weights`` is a ``pretrain`` value (see the module docstring) or a state_dict
-    mapping; ``model_size`` defaults to the backbone's. Returns None for no weights.
+    mapping; ``model_size`` (the file's variant: ShuffleNetV2's ``model_size``,
+    EfficientNet-Lite's ``model_name``) defaults to the backbone's. Returns None for no
+    weights.
     """
-    model_size = model_size or backbone.model_size
-    resolved = resolve(weights, model_size)
+    family = _family(backbone)
+    model_size = model_size or getattr(backbone, family.variant_attr)
+    resolved = resolve(weights, model_size, family)
     if resolved is None:
         return None
     if isinstance(resolved, Mapping):
@@ -116,12 +177,13 @@ def load_pretrained_backbone(
     else:
         source, raw = resolved, read_torch_file(resolved)
     state, _ = extract_state_dict(raw)
-    ignored = [k for k in state if k.startswith(IGNORED_PREFIXES)]
+    ignored = [k for k in state if k.startswith(family.ignored_prefixes)]
     state = {k: v for k, v in state.items() if k not in ignored}
     if ignored:
-        log.info(f"ImageNet backbone: left out {len(ignored)} tensors (fc.*, conv5.*) as NanoDet")
+        kinds = ", ".join(p + "*" for p in family.ignored_prefixes)
+        log.info(f"ImageNet backbone: left out {len(ignored)} tensors ({kinds}) as NanoDet")
     variables = model_variables(backbone)
-    hint = _hint(state, variables, model_size)
+    hint = _hint(state, variables, model_size, family)
     # Keep the model's own counter where the file has none (loading it back is a no-op).
     for k, var in variables.items():
         if k.endswith(OPTIONAL_SUFFIX) and k not in state:
