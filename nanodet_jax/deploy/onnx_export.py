@@ -16,8 +16,9 @@ The file is what NanoDet's deploy demos (ncnn, MNN, OpenVINO) load:
 
 The graph is written directly from the model's parameters (no tracing): the detector's
 ``onnx_graph`` calls the emitters of ``onnx_graph.py`` (shared layers) and of its family
-(``onnx_nanodet.py``), each writing the ONNX nodes of one module's ``__call__`` (checked
-against it by ``tests/deploy/test_export_onnx.py``).
+(``onnx_nanodet.py``; ``onnx_backbones_2.py`` for EfficientNet-Lite, GhostNet and
+CustomCspNet), each writing the ONNX nodes of one module's ``__call__`` (checked against
+it by ``tests/deploy/test_export_onnx.py`` and ``tests/deploy/test_onnx_backbones_2.py``).
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ import numpy as np
 from nanodet_jax.data import transforms
 from nanodet_jax.deploy import (
     onnx_backbones_1,  # noqa: F401  (ResNet, MobileNetV2, RepVGG)
+    onnx_backbones_2,  # noqa: F401  (EfficientNet-Lite, GhostNet, CustomCspNet)
     onnx_convnext,  # noqa: F401  (TIMMWrapper's ConvNeXt)
     onnx_legacy,  # noqa: F401  (the legacy GFL heads' emitters)
     onnx_nanodet,  # noqa: F401  (registers NanoDet-Plus's emitters)

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import numpy as np
 
+# GhostPAN's bottlenecks are GhostNet's: their emitters live with GhostNet's.
+from nanodet_jax.deploy import onnx_backbones_2  # noqa: F401  (registers them)
 from nanodet_jax.deploy.onnx_graph import (
     OnnxGraph,
     Value,
@@ -22,7 +24,7 @@ from nanodet_jax.deploy.onnx_graph import (
 )
 from nanodet_jax.models.backbones.shufflenetv2 import ShuffleNetV2, ShuffleV2Block
 from nanodet_jax.models.heads.nanodet_plus_head import NanoDetPlusHead
-from nanodet_jax.models.necks.ghost_pan import GhostBlocks, GhostBottleneck, GhostModule, GhostPAN
+from nanodet_jax.models.necks.ghost_pan import GhostBlocks, GhostPAN
 
 
 @register_emitter(ShuffleV2Block)
@@ -55,20 +57,6 @@ def _backbone(g: OnnxGraph, x: Value, m: ShuffleNetV2) -> tuple[Value, ...]:
         if i in m.out_stages:
             outs.append(x)
     return tuple(outs)
-
-
-@register_emitter(GhostModule)
-def _ghost_module(g: OnnxGraph, x: Value, m: GhostModule) -> Value:
-    x1 = sequential(g, x, m.primary_conv)
-    return concat(g, [x1, sequential(g, x1, m.cheap_operation)])
-
-
-@register_emitter(GhostBottleneck)
-def _ghost_bottleneck(g: OnnxGraph, x: Value, m: GhostBottleneck) -> Value:
-    y = _ghost_module(g, x, m.ghost1)
-    if m.stride > 1:
-        y = conv(g, y, m.conv_dw, m.bn_dw)
-    return add(g, _ghost_module(g, y, m.ghost2), sequential(g, x, m.shortcut))
 
 
 @register_emitter(GhostBlocks)

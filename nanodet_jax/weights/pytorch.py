@@ -55,9 +55,10 @@ def model_variables(model: nnx.Module) -> dict[str, nnx.Variable]:
     out: dict[str, nnx.Variable] = {}
 
     def walk(node: object, prefix: str) -> None:
+        # Leading underscores are kept: NanoDet names some layers so (EfficientNet-Lite's
+        # ``_expand_conv``); flax's own bookkeeping attributes are neither Variables nor
+        # Modules, so the type tests below leave them out.
         for name, value in vars(node).items():
-            if name.startswith("_"):
-                continue
             key = prefix + name
             if isinstance(value, nnx.Variable) and not isinstance(value, nnx.RngState):
                 out[key] = value

@@ -1,5 +1,8 @@
 """Backbones, selected by ``model.arch.backbone.name``."""
 
+from nanodet_jax.models.backbones.custom_csp import CustomCspNet
+from nanodet_jax.models.backbones.efficientnet_lite import EfficientNetLite
+from nanodet_jax.models.backbones.ghostnet import GhostNet
 from nanodet_jax.models.backbones.mobilenetv2 import MobileNetV2
 from nanodet_jax.models.backbones.repvgg import RepVGG
 from nanodet_jax.models.backbones.resnet import ResNet
@@ -15,5 +18,8 @@ BACKBONES = Registry(
         "MobileNetV2": MobileNetV2,
         "RepVGG": RepVGG,
         "TIMMWrapper": TIMMWrapper,
+        "EfficientNetLite": EfficientNetLite,
+        "GhostNet": GhostNet,
+        "CustomCspNet": CustomCspNet,
     },
 )

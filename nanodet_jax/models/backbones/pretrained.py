@@ -1,15 +1,20 @@
-"""ImageNet-pretrained backbones from torchvision checkpoints, as NanoDet starts.
+"""ImageNet-pretrained backbones, as NanoDet starts them.
 
-NanoDet's ShuffleNetV2 and ResNet (``pretrain=True``, their default) download torchvision's
-ImageNet weights and load them with ``load_state_dict(strict=False)``. (Its MobileNetV2
-and RepVGG have no ``pretrain``: they always start from random weights.) Here the config
-field ``model.arch.backbone.pretrain`` selects them:
+NanoDet's ShuffleNetV2, ResNet and EfficientNet-Lite (``pretrain=True``, their default)
+download ImageNet weights and load them with ``load_state_dict(strict=False)``:
+torchvision's files for the first two, and for EfficientNet-Lite the
+``efficientnet_lite<n>.pth`` releases of RangiLyu/EfficientNet-Lite (its classifier's keys:
+``stem.*``, ``blocks.<stage>.<block>.*`` as here, plus the ``head.*`` conv and ``fc.*``,
+which NanoDet's backbone lacks). (Its MobileNetV2, RepVGG and CustomCspNet have no
+``pretrain``: they always start from random weights.) Here the config field
+``model.arch.backbone.pretrain`` selects them:
 
 * ``None`` / ``False`` (our default): random init, NanoDet's ``pretrain=False``.
-* ``True``: torchvision's file for the model size (ResNet: depth) from the torch hub cache
+* ``True``: the family's file for the model size (ResNet: depth, EfficientNet-Lite: name)
+  from the torch hub cache
   (``$TORCH_HOME/hub/checkpoints``, default ``~/.cache/torch/hub/checkpoints``), where
   NanoDet's download puts it; nothing is downloaded.
-* a path: that torchvision-format ``.pth`` (e.g. ``shufflenetv2_x1-5666bf0f80.pth``).
+* a path: that file (e.g. ``shufflenetv2_x1-5666bf0f80.pth``, ``efficientnet_lite0.pth``).
 
 The mapping is convert.py's rule: torchvision's keys are NanoDet's (``conv1.0.weight``,
 ``stage2.0.branch1.0.weight``, ``layer1.0.conv1.weight`` ...), which are our backbone's
@@ -35,6 +40,7 @@ from typing import Any
 import numpy as np
 from flax import nnx
 
+from nanodet_jax.models.backbones.efficientnet_lite import EfficientNetLite
 from nanodet_jax.models.backbones.resnet import ResNet
 from nanodet_jax.models.backbones.shufflenetv2 import ShuffleNetV2
 from nanodet_jax.weights.pytorch import (
@@ -62,6 +68,7 @@ RESNET_FILES = {
     101: "resnet101-5d3b4d8f.pth",
     152: "resnet152-b121ed2d.pth",
 }
+EFFICIENTNET_LITE_URL = "https://github.com/RangiLyu/EfficientNet-Lite/releases/download/v1.0/"
 IGNORED_PREFIXES = ("fc.", "conv5.")
 OPTIONAL_SUFFIX = "num_batches_tracked"
 CONFIG_FIELD = "model.arch.backbone.pretrain"
@@ -75,9 +82,11 @@ class Family:
 
     name: str
     cls: type
-    variant_attr: str  # the backbone attribute that picks the file (model_size, depth)
+    variant_attr: str  # the backbone attribute that picks the file (model_size, depth, ...)
     files: Mapping[Any, str]
     ignored_prefixes: tuple[str, ...]
+    origin: str = "torchvision's"  # whose files, for messages
+    url: str = TORCHVISION_URL
 
     def describe(self, variant: Any) -> str:
         return f"{self.name} {variant}" if self.name != "ResNet" else f"ResNet-{variant}"
@@ -88,6 +97,15 @@ FAMILIES = {
         "ShuffleNetV2", ShuffleNetV2, "model_size", TORCHVISION_FILES, IGNORED_PREFIXES
     ),
     "ResNet": Family("ResNet", ResNet, "depth", RESNET_FILES, ("fc.",)),
+    "EfficientNetLite": Family(
+        "EfficientNet-Lite",
+        EfficientNetLite,
+        "model_name",
+        {f"efficientnet_lite{i}": f"efficientnet_lite{i}.pth" for i in range(5)},
+        ("head.", "fc."),
+        origin="RangiLyu/EfficientNet-Lite's",
+        url=EFFICIENTNET_LITE_URL,
+    ),
 }
 
 
@@ -103,7 +121,7 @@ def family_of(backbone: nnx.Module) -> Family:
 
 
 def torch_hub_checkpoint(model_size: Any, family: Family = FAMILIES["ShuffleNetV2"]) -> str:
-    """Where ``torch.hub`` (and so NanoDet's download) keeps torchvision's file for a size."""
+    """Where ``torch.hub`` (and so NanoDet's download) keeps a family's file for a variant."""
     import torch.hub
 
     return os.path.join(torch.hub.get_dir(), "checkpoints", family.files[model_size])
@@ -120,9 +138,9 @@ def resolve(
         if not os.path.isfile(path):
             file = family.files[model_size]
             raise FileNotFoundError(
-                f"{CONFIG_FIELD}=True loads torchvision's ImageNet {family.describe(model_size)} "
-                f"from the torch hub cache, but {path} does not exist (nothing is downloaded "
-                f"here). Put {TORCHVISION_URL}{file} there, or give "
+                f"{CONFIG_FIELD}=True loads {family.origin} ImageNet "
+                f"{family.describe(model_size)} from the torch hub cache, but {path} does not "
+                f"exist (nothing is downloaded here). Put {family.url}{file} there, or give "
                 f"the file: --config.{CONFIG_FIELD}=/path/to/{file}"
             )
         return path
@@ -136,7 +154,7 @@ def resolve(
 def _hint(state: Mapping[str, Any], wanted: Mapping[str, Any], variant: Any, family: Family) -> str:
     """Closing advice for a mismatch: what kind of file this looks like."""
     expected = (
-        f"{CONFIG_FIELD} takes torchvision's {family.describe(variant)} ImageNet weights "
+        f"{CONFIG_FIELD} takes {family.origin} {family.describe(variant)} ImageNet weights "
         f"({family.files[variant]}); {', '.join(p + '*' for p in family.ignored_prefixes)} "
         "are ignored"
     )
@@ -150,7 +168,7 @@ def _hint(state: Mapping[str, Any], wanted: Mapping[str, Any], variant: Any, fam
 def load_pretrained_backbone(
     backbone: nnx.Module, weights: Weights, model_size: str | None = None
 ) -> LoadReport | None:
-    """Load a torchvision-format ShuffleNetV2 / ResNet checkpoint into ``backbone`` in place.
+    """Load an ImageNet checkpoint of the backbone's family into ``backbone`` in place.
 
     ``weights`` is a ``pretrain`` value (see the module docstring) or a state_dict
     mapping; ``model_size`` (ResNet: the depth) defaults to the backbone's. Returns None

@@ -1,16 +1,18 @@
-"""GhostPAN: NanoDet-Plus's path-aggregation neck built from Ghost bottlenecks."""
+"""GhostPAN: NanoDet-Plus's path-aggregation neck built from Ghost bottlenecks.
+
+The bottleneck is GhostNet's (``models/backbones/ghostnet.py``), without squeeze-excitation,
+as NanoDet's GhostPAN imports it from its GhostNet backbone.
+"""
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 
 import jax
 from flax import nnx
 
+from nanodet_jax.models.backbones.ghostnet import GhostBottleneck
 from nanodet_jax.models.layers import (
-    Activation,
-    Conv2d,
     ConvModule,
     DepthwiseConvModule,
     Sequential,
@@ -18,117 +20,6 @@ from nanodet_jax.models.layers import (
     upsample_bilinear_2x,
     upsample_nearest_2x,
 )
-from nanodet_jax.models.norm import BatchNorm2d
-
-
-class GhostModule(nnx.Module):
-    """A 1x1 'primary' conv producing half the channels, a cheap depthwise conv the rest."""
-
-    def __init__(
-        self,
-        inp: int,
-        oup: int,
-        kernel_size: int = 1,
-        ratio: int = 2,
-        dw_size: int = 3,
-        stride: int = 1,
-        activation: str | None = "ReLU",
-        *,
-        rngs: nnx.Rngs,
-    ):
-        init_channels = math.ceil(oup / ratio)
-        new_channels = init_channels * (ratio - 1)
-
-        def act() -> list[Activation]:
-            # An absent activation is an empty nn.Sequential in NanoDet: no parameters either way.
-            return [Activation(activation)] if activation else []
-
-        self.primary_conv = Sequential(
-            [
-                Conv2d(
-                    inp, init_channels, kernel_size, stride, kernel_size // 2, bias=False, rngs=rngs
-                ),
-                BatchNorm2d(init_channels),
-                *act(),
-            ]
-        )
-        self.cheap_operation = Sequential(
-            [
-                Conv2d(
-                    init_channels,
-                    new_channels,
-                    dw_size,
-                    1,
-                    dw_size // 2,
-                    groups=init_channels,
-                    bias=False,
-                    rngs=rngs,
-                ),
-                BatchNorm2d(new_channels),
-                *act(),
-            ]
-        )
-
-    def __call__(self, x: jax.Array) -> jax.Array:
-        x1 = self.primary_conv(x)
-        return concat_channels([x1, self.cheap_operation(x1)])
-
-
-class GhostBottleneck(nnx.Module):
-    """Ghost bottleneck without squeeze-excitation (the form GhostPAN uses)."""
-
-    def __init__(
-        self,
-        in_chs: int,
-        mid_chs: int,
-        out_chs: int,
-        dw_kernel_size: int = 3,
-        stride: int = 1,
-        activation: str = "ReLU",
-        *,
-        rngs: nnx.Rngs,
-    ):
-        self.stride = stride
-        self.ghost1 = GhostModule(in_chs, mid_chs, activation=activation, rngs=rngs)
-        if stride > 1:
-            self.conv_dw = Conv2d(
-                mid_chs,
-                mid_chs,
-                dw_kernel_size,
-                stride,
-                (dw_kernel_size - 1) // 2,
-                groups=mid_chs,
-                bias=False,
-                rngs=rngs,
-            )
-            self.bn_dw = BatchNorm2d(mid_chs)
-        self.ghost2 = GhostModule(mid_chs, out_chs, activation=None, rngs=rngs)
-        if in_chs == out_chs and stride == 1:
-            self.shortcut = Sequential([])
-        else:
-            self.shortcut = Sequential(
-                [
-                    Conv2d(
-                        in_chs,
-                        in_chs,
-                        dw_kernel_size,
-                        stride,
-                        (dw_kernel_size - 1) // 2,
-                        groups=in_chs,
-                        bias=False,
-                        rngs=rngs,
-                    ),
-                    BatchNorm2d(in_chs),
-                    Conv2d(in_chs, out_chs, 1, bias=False, rngs=rngs),
-                    BatchNorm2d(out_chs),
-                ]
-            )
-
-    def __call__(self, x: jax.Array) -> jax.Array:
-        y = self.ghost1(x)
-        if self.stride > 1:
-            y = self.bn_dw(self.conv_dw(y))
-        return self.ghost2(y) + self.shortcut(x)
 
 
 class GhostBlocks(nnx.Module):
