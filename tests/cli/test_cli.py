@@ -371,10 +371,10 @@ def test_config_mistakes_end_with_one_line(tmp_path, entry, capsys):
 
     main = importlib.import_module(f"nanodet_jax.cli.{entry}").main
     yml = tmp_path / "legacy.yml"
-    yml.write_text("model:\n  arch:\n    name: OneStageDetector\n")
+    yml.write_text("model:\n  arch:\n    name: RetinaNet\n")
     cases = [
         ([CONFIG, "--config.model.arch.head.num_clases=3"], "no field 'num_clases'"),
-        ([str(yml)], "model.arch.name: 'OneStageDetector' is not supported yet"),
+        ([str(yml)], "model.arch.name: 'RetinaNet' is not supported yet"),
     ]
     weights = [] if entry in ("train", "check_dataset") else ["--torch-weights", "x.pth"]
     for config, expected in cases:

@@ -143,15 +143,30 @@ def test_overrides_apply_after_the_mapping(tmp_path):
         load_config(path, ["--config.data.train.img_path=/x"])
 
 
-def test_legacy_yml_stops_with_one_line(tmp_path):
-    path = write_yml(tmp_path, GOLDEN[LEGACY], LEGACY)
-    with pytest.raises(UnsupportedNanoDetConfig) as info:
-        load_config(path)
-    message = str(info.value)
-    assert isinstance(info.value, ValueError) and "\n" not in message
-    assert message == (
-        f"{path}: model.arch.name: 'OneStageDetector' is not supported yet (supported: NanoDetPlus)"
-    )
+def test_legacy_yml_loads_with_its_recipe(tmp_path):
+    """NanoDet's legacy nanodet-m.yml: a OneStageDetector (ShuffleNetV2, PAN, NanoDetHead)
+    with its own recipe (SGD, linear warm-up, MultiStepLR, keep_ratio, no EMA: decay 0)."""
+    import jax.numpy as jnp
+
+    from nanodet_jax.models import build_model
+
+    config = load_config(write_yml(tmp_path, GOLDEN[LEGACY], LEGACY))
+    arch = config.model.arch
+    assert (arch.name, arch.backbone.name, arch.fpn.name, arch.head.name) == (
+        "OneStageDetector", "ShuffleNetV2", "PAN", "NanoDetHead"
+    )  # fmt: skip
+    schedule = config.schedule
+    assert (schedule.optimizer.name, schedule.optimizer.lr, schedule.optimizer.momentum) == (
+        "SGD", 0.14, 0.9
+    )  # fmt: skip
+    assert schedule.lr_schedule.to_dict() == {
+        "name": "MultiStepLR", "milestones": [240, 260, 275], "gamma": 0.1
+    }  # fmt: skip
+    assert schedule.warmup.name == "linear" and config.data.train.keep_ratio is True
+    assert config.model.weight_averager.decay == 0.0
+    model = build_model(config, with_aux=False)
+    out = model(jnp.zeros((1, 64, 64, 3)))
+    assert out.shape == (1, 64 + 16 + 4, 80 + 4 * (arch.head.reg_max + 1))
 
 
 def _set(tree: dict, dotted: str, value: Any) -> None:
