@@ -52,7 +52,8 @@ def test_unknown_assigner_name(small_config):
     config = copy.deepcopy(small_config)
     with config.unlocked():
         config.model.arch.head.assigner_cfg = {"name": "ATSS", "topk": 9}
-    with pytest.raises(UnknownNameError, match=r"assigner_cfg name 'ATSS'; available: Dynamic"):
+    expected = r"assigner_cfg name 'ATSS'; available: ATSSAssigner, Dynamic"
+    with pytest.raises(UnknownNameError, match=expected):
         build_model(config)
 
 
@@ -82,3 +83,11 @@ def test_unknown_evaluator_and_weight_averager(small_config, small_model):
     graphdef, _, _ = trainer.split_model(copy.deepcopy(small_model))
     with pytest.raises(UnknownNameError, match=r"weight_averager name 'SWA'; available: ExpMov"):
         trainer.make_train_step(graphdef, tx, config, phase="joint")
+
+
+def test_nanodet_plus_refuses_another_assigner(small_config):
+    config = copy.deepcopy(small_config)
+    with config.unlocked():
+        config.model.arch.head.assigner_cfg = {"name": "ATSSAssigner", "topk": 9}
+    with pytest.raises(ValueError, match="NanoDetPlus assigns with DynamicSoftLabelAssigner"):
+        build_model(config)

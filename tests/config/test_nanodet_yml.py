@@ -185,7 +185,7 @@ def _set(tree: dict, dotted: str, value: Any) -> None:
         ("model.arch.backbone.name", "VoVNet", "model.arch.backbone.name: 'VoVNet'"),
         ("model.arch.fpn.name", "BiFPN", "model.arch.fpn.name: 'BiFPN' is not supported yet"),
         ("model.arch.head.share_cls_reg", True, "model.arch.head.share_cls_reg: True"),
-        ("model.arch.head.loss.loss_bbox.name", "IoULoss", "loss_bbox.name: 'IoULoss'"),
+        ("model.arch.head.loss.loss_bbox.name", "SmoothL1Loss", "loss_bbox.name: 'SmoothL1Loss'"),
         ("model.weight_averager.name", "Other", "weight_averager.name: 'Other'"),
         ("data.train.multi_scale", [0.8, 1.2], "data.train.multi_scale: [0.8, 1.2]"),
         ("data.val.pipeline.mosaic", True, "data.val.pipeline.mosaic: True"),

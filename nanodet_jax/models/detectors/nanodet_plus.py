@@ -72,6 +72,12 @@ class NanoDetPlus(Detector):
         self.loss_cfg = FrozenConfigDict(head.get("loss", {}))
         assigner = {**DEFAULT_ASSIGNER, **(head.get("assigner_cfg") or {})}
         ASSIGNERS.get(assigner["name"])  # an unknown name fails at build time
+        if assigner["name"] != DEFAULT_ASSIGNER["name"]:
+            # The AGM's objective is built around the soft label assignment, as NanoDet's.
+            raise ValueError(
+                f"NanoDetPlus assigns with {DEFAULT_ASSIGNER['name']}, not {assigner['name']} "
+                "(model.arch.head.assigner_cfg.name)"
+            )
         self.assigner_cfg = FrozenConfigDict(assigner)
 
     @classmethod
