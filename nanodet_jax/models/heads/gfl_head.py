@@ -35,32 +35,27 @@ def check_legacy_options(conv_cfg: dict | None, ignore_iof_thr: float) -> None:
         raise ValueError("ignore_iof_thr > 0 needs ignored gt boxes, which are not supported")
 
 
-class GFLHead(nnx.Module):
-    """NanoDet's ``GFLHead`` layers; the objective lives in ``losses/gfl_legacy.py``."""
+class GFLTowers(nnx.Module):
+    """The layers GFLHead and NanoDet-Plus's SimpleConvHead share, under NanoDet's names:
+    ``cls_convs`` / ``reg_convs`` towers of 3x3 ConvModules (shared by every level), the
+    ``gfl_cls`` / ``gfl_reg`` output convs and one ``scales`` entry per level."""
 
     def __init__(
         self,
         num_classes: int,
         input_channel: int,
-        feat_channels: int = 256,
-        stacked_convs: int = 4,
-        octave_base_scale: float = 4,
-        strides: Sequence[int] = (8, 16, 32),
-        conv_cfg: dict | None = None,
-        norm_cfg: dict | None = None,
-        reg_max: int = 16,
-        ignore_iof_thr: float = -1,
-        scales_per_octave: int = 1,  # read by NanoDet's configs, used by no head
+        feat_channels: int,
+        stacked_convs: int,
+        strides: Sequence[int],
+        norm_cfg: dict,
+        activation: str,
+        reg_max: int,
         *,
         rngs: nnx.Rngs,
     ):
-        check_legacy_options(conv_cfg, ignore_iof_thr)
         self.num_classes = num_classes
         self.reg_max = reg_max
         self.strides = tuple(strides)
-        self.octave_base_scale = float(octave_base_scale)
-        norm_cfg = dict(DEFAULT_GN if norm_cfg is None else norm_cfg)
-        self.distribution_project = Integral(reg_max)
 
         def tower() -> nnx.List:
             return nnx.List(
@@ -72,6 +67,7 @@ class GFLHead(nnx.Module):
                         stride=1,
                         padding=1,
                         norm_cfg=norm_cfg,
+                        activation=activation,
                         kernel_init=normal(0.01),
                         rngs=rngs,
                     )
@@ -112,6 +108,42 @@ class GFLHead(nnx.Module):
                 reg_feat = conv(reg_feat)
             outputs.append((self.gfl_cls(cls_feat), scale(self.gfl_reg(reg_feat))))
         return outputs
+
+
+class GFLHead(GFLTowers):
+    """NanoDet's ``GFLHead`` layers (ReLU towers); the objective lives in
+    ``losses/gfl_legacy.py``."""
+
+    def __init__(
+        self,
+        num_classes: int,
+        input_channel: int,
+        feat_channels: int = 256,
+        stacked_convs: int = 4,
+        octave_base_scale: float = 4,
+        strides: Sequence[int] = (8, 16, 32),
+        conv_cfg: dict | None = None,
+        norm_cfg: dict | None = None,
+        reg_max: int = 16,
+        ignore_iof_thr: float = -1,
+        scales_per_octave: int = 1,  # read by NanoDet's configs, used by no head
+        *,
+        rngs: nnx.Rngs,
+    ):
+        check_legacy_options(conv_cfg, ignore_iof_thr)
+        super().__init__(
+            num_classes,
+            input_channel,
+            feat_channels,
+            stacked_convs,
+            strides,
+            dict(DEFAULT_GN if norm_cfg is None else norm_cfg),
+            "ReLU",
+            reg_max,
+            rngs=rngs,
+        )
+        self.octave_base_scale = float(octave_base_scale)
+        self.distribution_project = Integral(reg_max)
 
     def __call__(self, feats: Sequence[jax.Array]) -> jax.Array:
         return flatten_levels([concat_channels(o) for o in self.level_outputs(feats)])

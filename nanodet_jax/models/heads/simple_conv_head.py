@@ -11,12 +11,13 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from nanodet_jax.models.heads.nanodet_plus_head import CLS_BIAS_INIT, flatten_levels
-from nanodet_jax.models.layers import Conv2d, ConvModule, Scale, normal
+from nanodet_jax.models.heads.gfl_head import GFLTowers
+from nanodet_jax.models.heads.nanodet_plus_head import flatten_levels
 
 
-class SimpleConvHead(nnx.Module):
-    """Separate classification and regression conv towers shared across levels (GroupNorm)."""
+class SimpleConvHead(GFLTowers):
+    """GFLHead's towers (GroupNorm, LeakyReLU by default) as NanoDet-Plus's aux head: no
+    legacy options, outputs concatenated in float32."""
 
     def __init__(
         self,
@@ -36,59 +37,22 @@ class SimpleConvHead(nnx.Module):
             raise ValueError("SimpleConvHead: conv_cfg is not supported")
         norm_cfg = dict(norm_cfg or {"type": "GN", "num_groups": 32})
         norm_cfg.pop("requires_grad", None)
-        self.num_classes = num_classes
-        self.reg_max = reg_max
-        self.strides = tuple(strides)
-
-        def tower():
-            return nnx.List(
-                [
-                    ConvModule(
-                        input_channel if i == 0 else feat_channels,
-                        feat_channels,
-                        3,
-                        1,
-                        1,
-                        norm_cfg=norm_cfg,
-                        activation=activation,
-                        kernel_init=normal(0.01),
-                        rngs=rngs,
-                    )
-                    for i in range(stacked_convs)
-                ]
-            )
-
-        self.cls_convs = tower()
-        self.reg_convs = tower()
-        self.gfl_cls = Conv2d(
-            feat_channels,
+        super().__init__(
             num_classes,
-            3,
-            padding=1,
-            kernel_init=normal(0.01),
-            bias_init=CLS_BIAS_INIT,
-            rngs=rngs,
-        )
-        self.gfl_reg = Conv2d(
+            input_channel,
             feat_channels,
-            4 * (reg_max + 1),
-            3,
-            padding=1,
-            kernel_init=normal(0.01),
-            bias_init=0.0,
+            stacked_convs,
+            strides,
+            norm_cfg,
+            activation,
+            reg_max,
             rngs=rngs,
         )
-        self.scales = nnx.List([Scale(1.0) for _ in self.strides])
 
     def __call__(self, feats: Sequence[jax.Array]) -> jax.Array:
-        outputs = []
-        for x, scale in zip(feats, self.scales):
-            cls_feat, reg_feat = x, x
-            for conv in self.cls_convs:
-                cls_feat = conv(cls_feat)
-            for conv in self.reg_convs:
-                reg_feat = conv(reg_feat)
-            cls_score = self.gfl_cls(cls_feat)
-            bbox_pred = scale(self.gfl_reg(reg_feat)).astype(jnp.float32)
-            outputs.append(jnp.concatenate([cls_score.astype(jnp.float32), bbox_pred], axis=-1))
-        return flatten_levels(outputs)
+        return flatten_levels(
+            [
+                jnp.concatenate([cls.astype(jnp.float32), reg.astype(jnp.float32)], axis=-1)
+                for cls, reg in self.level_outputs(feats)
+            ]
+        )
