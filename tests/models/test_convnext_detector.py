@@ -20,32 +20,13 @@ from nanodet_jax.config.loading import load_config
 from nanodet_jax.models import build_model
 from nanodet_jax.testing import random_state_dict
 from nanodet_jax.weights.pytorch import load_torch_weights, model_variables, to_torch_layout
+from tests.config.test_nanodet_yml import VALUE_DIFFERENCES, assert_same, flat
 from tests.conftest import REPO, config_path
 
 GOLDEN = os.path.join(REPO, "tests", "data", "golden_convnext.npz")
 # Where our config differs from the file by choice: NanoDet's paths are relative to its
-# checkout's data folder.
-PATHS = {
-    "data.train.img_dir": ("coco/train2017", "data/coco/train2017"),
-    "data.train.ann_file": (
-        "coco/annotations/instances_train2017.json",
-        "data/coco/annotations/instances_train2017.json",
-    ),
-    "data.val.img_dir": ("coco/val2017", "data/coco/val2017"),
-    "data.val.ann_file": (
-        "coco/annotations/instances_val2017.json",
-        "data/coco/annotations/instances_val2017.json",
-    ),
-}
-
-
-def flat(tree, prefix: str = "") -> dict:
-    if isinstance(tree, dict):
-        out = {}
-        for k, v in tree.items():
-            out.update(flat(v, f"{prefix}{k}."))
-        return out
-    return {prefix[:-1]: tree}
+# checkout's data folder (the same differences as the four NanoDet-Plus files).
+PATHS = {k: v for k, v in VALUE_DIFFERENCES.items() if k.startswith("data.")}
 
 
 @pytest.fixture(scope="module")
@@ -63,14 +44,9 @@ def yml_path(tmp_path_factory) -> str:
 
 
 def test_yml_loads_to_our_config(yml_path: str) -> None:
-    mapped = flat(load_config(yml_path).to_dict())
-    ours = flat(load_config(config_path("nanodet_plus_convnext_nano_640.py")).to_dict())
-    assert set(mapped) == set(ours), f"only one side: {sorted(set(mapped) ^ set(ours))}"
-    for key, value in mapped.items():
-        if key in PATHS:
-            assert (value, ours[key]) == PATHS[key], key
-        else:
-            assert value == ours[key] and type(value) is type(ours[key]), (key, value, ours[key])
+    mapped = flat(load_config(yml_path))
+    ours = flat(load_config(config_path("nanodet_plus_convnext_nano_640.py")))
+    assert_same(mapped, ours, PATHS)
     assert mapped["model.arch.backbone.model_name"] == "convnext_nano"
     assert mapped["model.arch.fpn.activation"] == "SiLU"
 
