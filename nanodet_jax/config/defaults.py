@@ -1,10 +1,13 @@
-"""NanoDet-Plus configurations with the values of NanoDet's ``config/nanodet-plus-*.yml``.
+"""Configurations with the values of NanoDet's ``config/*.yml``.
 
-The files in ``configs/`` call :func:`nanodet_plus_config`; every field can be
-overridden on the command line as ``--config.a.b=value``.
+The files in ``configs/`` call :func:`nanodet_plus_config` (NanoDet-Plus) or, in
+``configs/legacy/``, :func:`nanodet_legacy_config` (NanoDet's v0.x OneStageDetector
+recipe); every field can be overridden on the command line as ``--config.a.b=value``.
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import ml_collections
 
@@ -94,8 +97,41 @@ COCO_CLASSES = (
 # BGR mean / std on the 0-255 scale, as NanoDet's pipeline ``normalize``.
 NORMALIZE = ((103.53, 116.28, 123.675), (57.375, 57.12, 58.395))
 
-# ShuffleNetV2 width of NanoDet's -m / -m-1.5x configs -> (backbone channels, PAN channels).
-WIDTHS = {"1.0x": ((116, 232, 464), 96), "1.5x": ((176, 352, 704), 128)}
+# ShuffleNetV2 width of NanoDet's -m-0.5x / -m / -m-1.5x configs -> (backbone channels,
+# neck channels).
+WIDTHS = {
+    "0.5x": ((48, 96, 192), 96),
+    "1.0x": ((116, 232, 464), 96),
+    "1.5x": ((176, 352, 704), 128),
+}
+# EfficientNet-Lite's ImageNet input scaling ((x - 127) / 128), which its configs keep.
+EFFICIENTNET_LITE_NORMALIZE = ((127.0, 127.0, 127.0), (128.0, 128.0, 128.0))
+
+
+def shufflenet_v2(model_size: str) -> dict:
+    """The ShuffleNetV2 backbone section of NanoDet's -m and NanoDet-Plus-m configs."""
+    return {
+        "name": "ShuffleNetV2",
+        "model_size": model_size,
+        "out_stages": [2, 3, 4],
+        "activation": "LeakyReLU",
+        # NanoDet's default is True (torchvision's ImageNet weights, downloaded); here
+        # None: random init. True or a .pth path: see nanodet_jax/pretrained.py.
+        "pretrain": None,
+    }
+
+
+def efficientnet_lite(model_name: str) -> dict:
+    """The EfficientNet-Lite backbone section of NanoDet's EfficientNet-Lite configs."""
+    return {
+        "name": "EfficientNetLite",
+        "model_name": model_name,
+        "out_stages": [2, 4, 6],
+        "activation": "ReLU6",
+        # NanoDet's default (and its Lite1 / Lite2 files): True, its ImageNet weights,
+        # downloaded; here None, random init, as for ShuffleNetV2.
+        "pretrain": None,
+    }
 
 
 def nanodet_plus_config(
@@ -113,15 +149,7 @@ def nanodet_plus_config(
     c.model.arch = {
         "name": "NanoDetPlus",
         "detach_epoch": 10,
-        "backbone": {
-            "name": "ShuffleNetV2",
-            "model_size": model_size,
-            "out_stages": [2, 3, 4],
-            "activation": "LeakyReLU",
-            # NanoDet's default is True (torchvision's ImageNet weights, downloaded); here
-            # None: random init. True or a .pth path: see nanodet_jax/pretrained.py.
-            "pretrain": None,
-        },
+        "backbone": shufflenet_v2(model_size),
         "fpn": {
             "name": "GhostPAN",
             "in_channels": list(in_channels),
@@ -243,4 +271,84 @@ def nanodet_plus_config(
     c.evaluator = {"name": "CocoDetectionEvaluator", "save_key": "mAP"}
     c.log = {"interval": 50}
     c.seed = 0
+    return c
+
+
+def nanodet_legacy_config(
+    name: str,
+    model_size: str = "1.0x",
+    input_size: int = 320,
+    *,
+    backbone: dict | None = None,
+    in_channels: Sequence[int] | None = None,
+    width: int | None = None,
+    normalize: tuple = NORMALIZE,
+    batch_size: int = 192,
+    lr: float = 0.14,
+    warmup_steps: int = 300,
+    warmup_ratio: float = 0.1,
+    total_epochs: int = 280,
+    milestones: Sequence[int] = (240, 260, 275),
+    val_intervals: int = 10,
+) -> ml_collections.ConfigDict:
+    """NanoDet's v0.x recipe (``config/legacy_v0.x_configs/nanodet-m.yml`` and its
+    siblings): a OneStageDetector (backbone, PAN, NanoDetHead on strides 8-32), trained
+    with SGD, linear warm-up and MultiStepLR, on keep-ratio inputs, without EMA.
+
+    The backbone is ShuffleNetV2 of ``model_size`` unless ``backbone`` (with its
+    ``in_channels``) is given; ``width`` is the neck and head channels (default: the
+    ShuffleNetV2 width's). The fields outside NanoDet's schema (test, checkpoint, seed,
+    ...) are the same as :func:`nanodet_plus_config`'s, as loading the .yml gives them.
+    """
+    if backbone is None:
+        backbone = shufflenet_v2(model_size)
+        in_channels, default_width = WIDTHS[model_size]
+        width = width or default_width
+    elif in_channels is None or width is None:
+        raise ValueError("a custom backbone needs its in_channels and the neck width")
+    c = nanodet_plus_config(input_size=input_size)
+    c.name = name
+    # NanoDet v0.x has no weight averager: evaluation uses the trained weights, which an
+    # EMA of decay 0 is (the .yml writer leaves the section out for it).
+    c.model.weight_averager = {"name": "ExpMovingAverager", "decay": 0.0}
+    c.model.arch = {
+        "name": "OneStageDetector",
+        "backbone": backbone,
+        "fpn": {
+            "name": "PAN",
+            "in_channels": list(in_channels),
+            "out_channels": width,
+            "start_level": 0,
+            "num_outs": 3,
+        },
+        "head": {
+            "name": "NanoDetHead",
+            "num_classes": len(c.class_names),
+            "input_channel": width,
+            "feat_channels": width,
+            "stacked_convs": 2,
+            "share_cls_reg": True,
+            "octave_base_scale": 5,
+            "scales_per_octave": 1,
+            "strides": [8, 16, 32],
+            "reg_max": 7,
+            "norm_cfg": {"type": "BN"},
+            # The same QFL / DFL / GIoU terms and weights as NanoDet-Plus's head.
+            "loss": c.model.arch.head.loss.to_dict(),
+        },
+    }
+    for role in ("train", "val"):
+        c.data[role].keep_ratio = True
+        c.data[role].pipeline.normalize = [list(v) for v in normalize]
+    c.data.train.pipeline.stretch = [[1.0, 1.0], [1.0, 1.0]]  # no aspect jitter in v0.x
+    c.device.batch_size_per_device = batch_size
+    c.schedule = {
+        "optimizer": {"name": "SGD", "lr": lr, "momentum": 0.9, "weight_decay": 0.0001},
+        "warmup": {"name": "linear", "steps": warmup_steps, "ratio": warmup_ratio},
+        "total_epochs": total_epochs,
+        "lr_schedule": {"name": "MultiStepLR", "milestones": list(milestones), "gamma": 0.1},
+        "val_intervals": val_intervals,
+    }
+    c.grad_clip = 0.0  # v0.x clips no gradient
+    c.log.interval = 10
     return c
