@@ -3,12 +3,13 @@ files with NanoDet's own config loader.
 
     python tools/record_nanodet_yml.py /path/to/nanodet [--out tests/data/golden_nanodet_yml.json]
 
-1. Writes the parsed content (``yaml.safe_load``, as NanoDet's loader reads it) of the four
-   NanoDet-Plus configs and one legacy config to the golden json: data, not NanoDet's files,
-   so the suite runs without a nanodet checkout.
-2. Writes a .yml for each ``configs/*.py`` with :func:`write_nanodet_yml` and loads it with
-   NanoDet's ``nanodet.util.config.load_config`` (yacs); for the four NanoDet-Plus configs it
-   prints every leaf where that result differs from NanoDet's loading of its own file.
+1. Writes the parsed content (``yaml.safe_load``, as NanoDet's loader reads it) of all 18
+   NanoDet configs (:data:`CONFIGS`) to the golden json: data, not NanoDet's files, so the
+   suite runs without a nanodet checkout.
+2. Writes a .yml for each ``configs/**/*.py`` with :func:`write_nanodet_yml` and loads it with
+   NanoDet's ``nanodet.util.config.load_config`` (yacs); for each config with a NanoDet file
+   in :data:`CONFIGS` it prints every leaf where that result differs from NanoDet's loading
+   of its own file.
 3. Prints, for every .yml under NanoDet's ``config/``, whether our loader takes it or the one
    line it stops with.
 
@@ -38,7 +39,7 @@ from nanodet_jax.config.loading import load_config  # noqa: E402
 from nanodet_jax.config.nanodet_yml import UnsupportedNanoDetConfig  # noqa: E402
 from nanodet_jax.config.nanodet_yml_write import write_nanodet_yml  # noqa: E402
 
-# NanoDet file -> our config of the same model.
+# NanoDet's COCO NanoDet-Plus-m files -> our config of the same model (under configs/).
 PAIRS = {
     "nanodet-plus-m_320.yml": "nanodet_plus_m.py",
     "nanodet-plus-m_416.yml": "nanodet_plus_m_416.py",
@@ -46,6 +47,33 @@ PAIRS = {
     "nanodet-plus-m-1.5x_416.yml": "nanodet_plus_m_1.5x_416.py",
 }
 LEGACY = "legacy_v0.x_configs/nanodet-m.yml"
+_V0 = "legacy_v0.x_configs/"
+_LITE = f"{_V0}EfficientNet-Lite/nanodet-EfficientNet-Lite"
+# Every file under NanoDet's config/ -> our config of the same model (under configs/).
+CONFIGS = {
+    **PAIRS,
+    LEGACY: "legacy/nanodet_m.py",
+    "nanodet-plus-m_416-yolo.yml": "nanodet_plus_m_416_yolo.py",
+    "nanodet_custom_xml_dataset.yml": "nanodet_custom_xml_dataset.py",
+    "convnext/nanodet-plus_convnext-nano_640.yml": "nanodet_plus_convnext_nano_640.py",
+    f"{_V0}nanodet-m-0.5x.yml": "legacy/nanodet_m_0.5x.py",
+    f"{_V0}nanodet-m-416.yml": "legacy/nanodet_m_416.py",
+    f"{_V0}nanodet-m-1.5x.yml": "legacy/nanodet_m_1.5x.py",
+    f"{_V0}nanodet-m-1.5x-416.yml": "legacy/nanodet_m_1.5x_416.py",
+    f"{_V0}nanodet-g.yml": "legacy/nanodet_g.py",
+    f"{_V0}Transformer/nanodet-t.yml": "legacy/nanodet_t.py",
+    f"{_V0}RepVGG/nanodet-RepVGG-A0_416.yml": "legacy/repvgg_a0_416.py",
+    f"{_LITE}0_320.yml": "legacy/efficientnet_lite0_320.py",
+    f"{_LITE}1_416.yml": "legacy/efficientnet_lite1_416.py",
+    f"{_LITE}2_512.yml": "legacy/efficientnet_lite2_512.py",
+}
+
+
+def our_configs(repo: str = REPO) -> list[str]:
+    """Our config files, as paths relative to ``configs/`` (subfolders included)."""
+    root = os.path.join(repo, "configs")
+    paths = glob.glob(os.path.join(root, "**", "*.py"), recursive=True)
+    return sorted(os.path.relpath(p, root) for p in paths)
 
 
 def nanodet_loader(ref: str) -> tuple[Any, Any]:
@@ -88,8 +116,15 @@ def main() -> int:
         ["git", "-C", args.ref, "rev-parse", "HEAD"], capture_output=True, text=True
     ).stdout.strip()
 
+    on_disk = {
+        os.path.relpath(p, config_dir)
+        for p in glob.glob(os.path.join(config_dir, "**", "*.yml"), recursive=True)
+    }
+    if on_disk != set(CONFIGS):
+        print(f"CONFIGS is not NanoDet's config/: {sorted(on_disk ^ set(CONFIGS))}")
+        return 1
     files = {}
-    for name in [*PAIRS, LEGACY]:
+    for name in CONFIGS:  # the NanoDet-Plus-m files and nanodet-m first, as recorded before
         with open(os.path.join(config_dir, name), encoding="utf-8") as f:
             files[name] = yaml.safe_load(f)
     golden = {"source": f"RangiLyu/nanodet {commit or '?'} config/", "files": files}
@@ -101,18 +136,19 @@ def main() -> int:
     defaults, nanodet_load = nanodet_loader(args.ref)
     failures = 0
     with tempfile.TemporaryDirectory() as tmp:
-        for py in sorted(glob.glob(os.path.join(REPO, "configs", "*.py"))):
-            out = os.path.join(tmp, os.path.basename(py)[:-3] + ".yml")
+        for rel in our_configs():
+            py = os.path.join(REPO, "configs", rel)
+            out = os.path.join(tmp, rel[:-3].replace(os.sep, "+") + ".yml")
             write_nanodet_yml(load_config(py), out, os.path.relpath(py, REPO))
             cfg = defaults.clone()
             try:
                 nanodet_load(cfg, out)
             except Exception as e:  # noqa: BLE001 -- report whatever NanoDet's loader raises
                 failures += 1
-                print(f"FAIL NanoDet's loader refuses ours for {os.path.basename(py)}: {e!r}")
+                print(f"FAIL NanoDet's loader refuses ours for {rel}: {e!r}")
                 continue
-            theirs = [k for k, _ in PAIRS.items() if PAIRS[k] == os.path.basename(py)]
-            line = f"ok   NanoDet's loader reads ours for {os.path.basename(py)}"
+            theirs = [k for k, v in CONFIGS.items() if v == rel]
+            line = f"ok   NanoDet's loader reads ours for {rel}"
             if theirs:
                 ref_cfg = defaults.clone()
                 nanodet_load(ref_cfg, os.path.join(config_dir, theirs[0]))
