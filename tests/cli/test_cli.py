@@ -19,7 +19,6 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from nanodet_jax import runtime
 from nanodet_jax.cli import convert as convert_cli
 from nanodet_jax.cli import eval as eval_cli
 from nanodet_jax.cli import export as export_cli
@@ -57,7 +56,6 @@ def ckpt(tmp_path_factory) -> Path:
         bias = np.array(gfl.bias[...]) * 0.02
         bias[: model.num_classes] -= 7.0
         gfl.bias[...] = jnp.asarray(bias)
-    runtime.enable_compilation_cache()  # as eval.py: each Predictor's same program compiles once
     path = tmp_path_factory.mktemp("ckpt") / "small"
     checkpoint.save_weights(path, model, config)
     return path

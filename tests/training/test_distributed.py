@@ -47,6 +47,7 @@ def check(proc: subprocess.CompletedProcess) -> None:
 EQUIVALENCE = r"""
 from nanodet_jax import runtime
 runtime.configure_xla()  # the entry points' XLA settings, as train.py runs with
+runtime.enable_compilation_cache()  # the session's cache (conftest), as train.py
 import json, jax, jax.numpy as jnp, numpy as np, optax
 from nanodet_jax.training import distributed, trainer
 from nanodet_jax.config.loading import load_config
