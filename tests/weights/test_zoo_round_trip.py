@@ -1,7 +1,7 @@
 """Every model of the zoo survives our PyTorch export and import unchanged.
 
 For each NanoDet .yml recorded in ``tests/data/golden_nanodet_yml.json`` (loaded through
-our .yml mapping) and each of our ``configs/*.py`` that is not one of them, the model, with
+our .yml mapping) and each of our ``configs/**/*.py`` that is not one of them, the model, with
 its training-only branches where it has them (the whole state_dict NanoDet's
 ``load_state_dict(strict=True)`` wants), gets distinct random values in every variable,
 is written with ``save_torch_weights`` and read into a second model built from another
@@ -11,8 +11,6 @@ this test needs neither the checkout nor a forward pass.
 """
 
 from __future__ import annotations
-
-import os
 
 import numpy as np
 import pytest
@@ -28,11 +26,11 @@ from nanodet_jax.weights.pytorch import (
 )
 from tests.config.test_nanodet_yml import GOLDEN, OUR_CONFIGS, write_yml
 from tests.conftest import config_path
-from tools.record_nanodet_yml import PAIRS
+from tools.record_nanodet_yml import CONFIGS
 
 # Our configs that are the same model as a recorded NanoDet file (test_nanodet_yml checks
 # the pairs) are covered by that file.
-_PAIRED = {ours for theirs, ours in PAIRS.items() if theirs in GOLDEN}
+_PAIRED = {ours for theirs, ours in CONFIGS.items() if theirs in GOLDEN}
 SOURCES = [f"configs/{n}" for n in OUR_CONFIGS if n not in _PAIRED] + [f"yml:{n}" for n in GOLDEN]
 
 
@@ -40,7 +38,7 @@ def _config(source: str, tmp_path):
     if source.startswith("yml:"):
         name = source[len("yml:") :]
         return load_config(write_yml(tmp_path, GOLDEN[name], name))
-    return load_config(config_path(os.path.basename(source)))
+    return load_config(config_path(source[len("configs/") :]))
 
 
 def _values(model) -> dict[str, np.ndarray]:
