@@ -8,6 +8,8 @@ import jax.numpy as jnp
 from flax import nnx
 from jax import lax
 
+from nanodet_jax.precision import at_least_f32
+
 
 class BatchNorm2d(nnx.Module):
     """``nn.BatchNorm2d`` with PyTorch's training semantics.
@@ -33,12 +35,12 @@ class BatchNorm2d(nnx.Module):
         if self.use_running_average:
             mean, var = self.running_mean[...], self.running_var[...]
             if self.record_input_stats:
-                xf = x.astype(jnp.float32)
+                xf = at_least_f32(x)
                 batch_mean = jnp.mean(xf, axis=(0, 1, 2))
                 second = jnp.mean(jnp.square(xf), axis=(0, 1, 2))
                 self.input_stats = nnx.Intermediate(jnp.stack([batch_mean, second]))
         else:
-            xf = x.astype(jnp.float32)
+            xf = at_least_f32(x)
             mean = jnp.mean(xf, axis=(0, 1, 2))
             var = jnp.mean(jnp.square(xf - mean), axis=(0, 1, 2))
             n = x.shape[0] * x.shape[1] * x.shape[2]
@@ -82,7 +84,7 @@ class GroupNorm(nnx.Module):
             groups = per_channel.reshape(b, self.num_groups, k).sum(-1) / n
             return jnp.repeat(groups, k, axis=-1)[:, None, None, :]
 
-        xf = x.astype(jnp.float32)
+        xf = at_least_f32(x)
         centered = xf - group_mean(jnp.sum(xf, axis=(1, 2)))
         var = group_mean(jnp.sum(jnp.square(centered), axis=(1, 2)))
         y = centered * (lax.rsqrt(var + self.eps) * self.weight[...]) + self.bias[...]
@@ -111,7 +113,7 @@ class LayerNorm(nnx.Module):
         self.bias = nnx.Param(jnp.zeros((dim,), jnp.float32))
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        xf = x.astype(jnp.float32)
+        xf = at_least_f32(x)
         mean = jnp.mean(xf, axis=-1, keepdims=True)
         centered = xf - mean
         var = jnp.mean(jnp.square(centered), axis=-1, keepdims=True)

@@ -13,6 +13,7 @@ from flax import nnx
 
 from nanodet_jax.models.heads.nanodet_plus_head import CLS_BIAS_INIT, flatten_levels
 from nanodet_jax.models.layers import Conv2d, ConvModule, Scale, normal
+from nanodet_jax.precision import at_least_f32
 
 
 class SimpleConvHead(nnx.Module):
@@ -89,6 +90,6 @@ class SimpleConvHead(nnx.Module):
             for conv in self.reg_convs:
                 reg_feat = conv(reg_feat)
             cls_score = self.gfl_cls(cls_feat)
-            bbox_pred = scale(self.gfl_reg(reg_feat)).astype(jnp.float32)
-            outputs.append(jnp.concatenate([cls_score.astype(jnp.float32), bbox_pred], axis=-1))
+            bbox_pred = at_least_f32(scale(self.gfl_reg(reg_feat)))
+            outputs.append(jnp.concatenate([at_least_f32(cls_score), bbox_pred], axis=-1))
         return flatten_levels(outputs)
