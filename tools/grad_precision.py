@@ -66,14 +66,19 @@ def torch_gradients(ref, arch, weights, x, gts) -> dict[str, dict]:
     return out
 
 
-def our_gradients(config, weights, x, gts, dtype: str = "float32", masks=None):
+def our_gradients(
+    config, weights, x, gts, dtype: str = "float32", masks=None, phases=PHASES, natural=()
+):
     """Our gradients of every parameter per phase (PyTorch names and layout), and the
     kink sides (``tools/kinks.py``) the run took per phase.
 
     ``dtype="float64"`` runs parameters, activations, losses and XLA's own convolutions
     (the float32 C++ kernels step aside) in float64; call it under
     ``jax.enable_x64(True)``. ``masks`` (per phase, from a previous call) forces
-    every ReLU/LeakyReLU onto those sides.
+    every ReLU/LeakyReLU onto those sides. Each phase compiles the whole step once
+    (~30 s on 2 cores), hence ``phases``; the phases also named in ``natural`` are run a
+    second time on their own sides, reusing that compilation, and returned under
+    ``"<phase>/natural"``.
     """
     import jax
     import jax.numpy as jnp
@@ -100,9 +105,9 @@ def our_gradients(config, weights, x, gts, dtype: str = "float32", masks=None):
     kinks = JaxKinks()
 
     @functools.partial(jax.jit, static_argnums=2)
-    def grads_of(params, phase_masks, detach: bool):
+    def grads_of(params, phase_masks, detach: bool, use_masks=True):
         def total(params):
-            kinks.start(phase_masks)
+            kinks.start(phase_masks, use_masks)
             m = nnx.merge(graphdef, params, rest, copy=True)
             head_out, aux_out = m.forward_train(images, detach_aux=detach)
             loss, _ = nanodet_plus_loss(
@@ -117,11 +122,12 @@ def our_gradients(config, weights, x, gts, dtype: str = "float32", masks=None):
 
     out, sides = {}, {}
     with kinks.patched():
-        for phase in PHASES:
+        runs = [(p, p, True) for p in phases] + [(f"{p}/natural", p, False) for p in natural]
+        for name, phase, use in runs:
             phase_masks = None if masks is None else masks[phase]
-            grads, sides[phase] = grads_of(params, phase_masks, phase == "detached")
+            grads, sides[name] = grads_of(params, phase_masks, phase == "detached", use)
             grads = jax.device_get(grads)
-            out[phase] = {k: to_torch_layout(np.asarray(v, np.float64)) for k, v in grads.items()}
+            out[name] = {k: to_torch_layout(np.asarray(v, np.float64)) for k, v in grads.items()}
     return out, sides
 
 

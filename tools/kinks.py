@@ -21,13 +21,14 @@ SLOPES = {"ReLU": 0.0, "LeakyReLU": 0.1}  # NanoDet's LeakyReLU slope
 class JaxKinks:
     """Patches ``nanodet_jax.layers.Activation``: records ``x >= 0`` of every ReLU /
     LeakyReLU call in call order (``record``), or, given ``masks``, replaces each by
-    ``where(mask, x, slope * x)``. Reset with :meth:`start` inside the traced function."""
+    ``where(mask, x, slope * x)``. Reset with :meth:`start` inside the traced function;
+    ``use`` (a traced bool) switches the masks off without recompiling."""
 
     def __init__(self):
-        self.masks, self.record, self.calls = None, [], 0
+        self.masks, self.use, self.record, self.calls = None, True, [], 0
 
-    def start(self, masks=None):
-        self.masks, self.record, self.calls = masks, [], 0
+    def start(self, masks=None, use=True):
+        self.masks, self.use, self.record, self.calls = masks, use, [], 0
 
     @contextlib.contextmanager
     def patched(self):
@@ -41,10 +42,11 @@ class JaxKinks:
             if layer.name not in SLOPES:
                 return original(layer, x)
             i, self.calls = self.calls, self.calls + 1
+            self.record.append(x >= 0)
             if self.masks is None:
-                self.record.append(x >= 0)
                 return original(layer, x)
-            return jnp.where(self.masks[i], x, SLOPES[layer.name] * x)
+            side = jnp.where(self.use, self.masks[i], x >= 0)
+            return jnp.where(side, x, SLOPES[layer.name] * x)
 
         Activation.__call__ = call
         try:
