@@ -108,19 +108,21 @@ def test_float32_gradients_as_precise_as_pytorch(golden, gradients):
 
 
 def test_batch_norm_backward_is_centred():
-    """A channel whose mean is 1000 times its spread: the uncentred backward
-    (``sum(g * x) - mean * sum(g)``) loses ~3 digits of the weight gradient in float32."""
+    """Channels whose mean is 100 times their spread: the weight gradient keeps ~6 digits
+    in float32 (1.2e-6 here); the uncentred autodiff backward (``sum(g * x) - mean *
+    sum(g)``) kept 1.4e-5. At 1000 x the float32 batch mean's own rounding dominates."""
     rng = np.random.default_rng(0)
-    x = rng.normal(0.0, 1.0, (2, 6, 6, 4)) + np.array([1e3, -1e3, 1.0, 0.0])
-    g = rng.normal(size=x.shape)
-    w, b = rng.uniform(0.5, 2.0, 4), rng.normal(size=4)
+    x = (rng.normal(0.0, 1.0, (2, 6, 6, 4)) + np.array([100.0, -100.0, 1.0, 0.0])).astype(
+        np.float32
+    )  # both runs start from the same float32 values
+    g = rng.normal(size=x.shape).astype(np.float32)
+    w, b = rng.uniform(0.5, 2.0, 4).astype(np.float32), rng.normal(size=4).astype(np.float32)
 
     def grads(dtype):
-        args = [jnp.asarray(a, dtype) for a in (x, w, b)]
         f = lambda *a: jnp.sum(batch_norm_train(*a, 1e-5)[0] * jnp.asarray(g, dtype))  # noqa: E731
-        return jax.grad(f, argnums=(0, 1, 2))(*args)
+        return jax.grad(f, argnums=(0, 1, 2))(*[jnp.asarray(a, dtype) for a in (x, w, b)])
 
     with jax.enable_x64(True):
         exact = grads(jnp.float64)
     for got, ref, name in zip(grads(jnp.float32), exact, ("x", "weight", "bias")):
-        assert rel_error(got, ref) < 1e-5, name
+        assert rel_error(got, ref) < 4e-6, name
