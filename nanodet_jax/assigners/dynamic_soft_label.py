@@ -28,6 +28,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from nanodet_jax.box_ops import bbox2distance, bbox_overlaps
+from nanodet_jax.precision import at_least_f32
 
 IOU_COST_EPS = 1e-7  # NanoDet's -log(IoU + 1e-7)
 
@@ -116,7 +117,7 @@ def _assign_image(
     num_priors, num_gts = priors.shape[0], gt_boxes.shape[0]
     # Neutral values for padding, so garbage (even NaN) in padded rows cannot leak
     # through arithmetic that a mask later discards.
-    gt_boxes = jnp.where(gt_mask[:, None], gt_boxes, 0.0).astype(jnp.float32)
+    gt_boxes = at_least_f32(jnp.where(gt_mask[:, None], gt_boxes, 0.0))
     gt_labels = jnp.where(gt_mask, gt_labels, 0).astype(jnp.int32)
 
     centers = priors[:, :2]
@@ -220,8 +221,8 @@ def assign(
         )
     )
     return fn(
-        lax.stop_gradient(cls_logits.astype(jnp.float32)),
-        lax.stop_gradient(decoded_boxes.astype(jnp.float32)),
+        lax.stop_gradient(at_least_f32(cls_logits)),
+        lax.stop_gradient(at_least_f32(decoded_boxes)),
         lax.stop_gradient(gt_boxes),
         gt_labels,
         gt_mask.astype(bool),

@@ -37,8 +37,8 @@ def distribution_focal_loss(reg_logits: jax.Array, targets: jax.Array) -> jax.Ar
     """
     left = targets.astype(jnp.int32)  # truncation == floor: targets are >= 0
     right = left + 1
-    weight_left = right.astype(jnp.float32) - targets
-    weight_right = targets - left.astype(jnp.float32)
+    weight_left = right.astype(targets.dtype) - targets
+    weight_right = targets - left.astype(targets.dtype)
     log_probs = jax.nn.log_softmax(reg_logits, axis=-1)
     ce_left = -jnp.take_along_axis(log_probs, left[..., None], axis=-1)[..., 0]
     ce_right = -jnp.take_along_axis(log_probs, right[..., None], axis=-1)[..., 0]

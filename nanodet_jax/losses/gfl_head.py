@@ -17,6 +17,7 @@ import jax.numpy as jnp
 from nanodet_jax.assigners.dynamic_soft_label import Assignment
 from nanodet_jax.box_ops import distance2bbox, distribution_to_distance
 from nanodet_jax.losses import BOX_LOSSES, CLASSIFICATION_LOSSES, DISTRIBUTION_LOSSES
+from nanodet_jax.precision import at_least_f32
 
 LOSS_TERMS = ("loss_qfl", "loss_bbox", "loss_dfl")
 
@@ -26,7 +27,7 @@ def decode_predictions(
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Split a head output ``[B, P, C + 4 (reg_max + 1)]`` into class logits, distribution
     logits ``[B, P, 4, reg_max + 1]`` and decoded boxes ``[B, P, 4]`` (input pixels)."""
-    raw = raw.astype(jnp.float32)
+    raw = at_least_f32(raw)
     cls_logits = raw[..., :num_classes]
     reg_logits = raw[..., num_classes:]
     distances = distribution_to_distance(reg_logits, reg_max) * priors[:, 2:3]
@@ -76,7 +77,7 @@ def head_losses(
         terms[k] for k in ("loss_qfl", "loss_dfl", "loss_bbox")
     )
     pos = targets.pos_mask
-    num_pos = jnp.sum(pos).astype(jnp.float32)
+    num_pos = jnp.sum(pos).astype(cls_logits.dtype)
 
     qfl = qfl_fn(cls_logits, targets.labels, targets.label_scores)
     loss_qfl = jnp.sum(qfl) / jnp.maximum(num_pos, 1.0)

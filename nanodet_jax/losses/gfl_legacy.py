@@ -30,6 +30,7 @@ from nanodet_jax.box_ops import (
     distribution_to_distance,
 )
 from nanodet_jax.losses.gfl_head import build_loss_terms
+from nanodet_jax.precision import at_least_f32
 
 
 def legacy_gfl_losses(
@@ -50,7 +51,7 @@ def legacy_gfl_losses(
         targets: the ATSS assignment of the batch.
         loss_cfg: ``model.arch.head.loss`` (names, ``beta``, ``loss_weight`` per term).
     """
-    raw = raw.astype(jnp.float32)
+    raw = at_least_f32(raw)
     terms = build_loss_terms(loss_cfg)
     (qfl_fn, qfl_w), (dfl_fn, dfl_w), (bbox_fn, bbox_w) = (
         terms[k] for k in ("loss_qfl", "loss_dfl", "loss_bbox")

@@ -3,10 +3,64 @@ NanoDet's ``build_norm_layer`` naming rule."""
 
 from __future__ import annotations
 
+from functools import partial
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
 from jax import lax
+
+from nanodet_jax.precision import at_least_f32
+
+_AXES = (0, 1, 2)
+
+
+def _bn_stats(xf: jax.Array) -> tuple[jax.Array, jax.Array]:
+    mean = jnp.mean(xf, axis=_AXES)
+    return mean, jnp.mean(jnp.square(xf - mean), axis=_AXES)
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(3,))
+def batch_norm_train(x: jax.Array, weight: jax.Array, bias: jax.Array, eps: float):
+    """Train-mode BatchNorm over NHWC: ``(y, batch mean, biased batch variance)``.
+
+    ``y = x * scale + (bias - mean * scale)`` with ``scale = weight * rsqrt(var + eps)``,
+    computed in (at least) float32 and returned in ``x``'s dtype. The custom VJP is
+    PyTorch's centred backward; plain autodiff of this forward formed the weight's
+    cotangent as ``sum(g * x) - mean * sum(g)``, which cancels catastrophically in
+    float32 when a channel's mean is large against its spread (tools/grad_precision.py).
+    The forward stays uncentred: the centred ``(x - mean) * scale + bias`` moved the
+    8-device vs 1-device gradients of tests/test_distributed.py from 5e-6 to 1.2e-3
+    (relative L2), cause not pinned down (ReLU kink sides switching is the suspect).
+    """
+    return _bn_forward(x, weight, bias, eps)[0]
+
+
+def _bn_forward(x, weight, bias, eps):
+    xf = at_least_f32(x)
+    mean, var = _bn_stats(xf)
+    inv = lax.rsqrt(var + eps)
+    scale = weight * inv
+    y = xf * scale + (bias - mean * scale)
+    return (y.astype(x.dtype), mean, var), (x, weight, mean, inv)
+
+
+def _bn_backward(eps, res, cotangents):
+    x, weight, mean, inv = res
+    g, g_mean, g_var = (at_least_f32(c) for c in cotangents)
+    n = x.shape[0] * x.shape[1] * x.shape[2]
+    centred = at_least_f32(x) - mean
+    xhat = centred * inv
+    d_bias = jnp.sum(g, axis=_AXES)
+    d_weight = jnp.sum(g * xhat, axis=_AXES)
+    # d/dx of the normalised output, then of the returned statistics (their
+    # cotangents are zero in training, where they only feed stop_gradient'ed buffers).
+    dx = (weight * inv) * (g - d_bias / n - xhat * (d_weight / n))
+    dx = dx + g_mean / n + centred * (2.0 * g_var / n)
+    return dx.astype(x.dtype), d_weight.astype(weight.dtype), d_bias.astype(weight.dtype)
+
+
+batch_norm_train.defvjp(_bn_forward, _bn_backward)
 
 
 class BatchNorm2d(nnx.Module):
@@ -33,14 +87,15 @@ class BatchNorm2d(nnx.Module):
         if self.use_running_average:
             mean, var = self.running_mean[...], self.running_var[...]
             if self.record_input_stats:
-                xf = x.astype(jnp.float32)
-                batch_mean = jnp.mean(xf, axis=(0, 1, 2))
-                second = jnp.mean(jnp.square(xf), axis=(0, 1, 2))
+                xf = at_least_f32(x)
+                batch_mean = jnp.mean(xf, axis=_AXES)
+                second = jnp.mean(jnp.square(xf), axis=_AXES)
                 self.input_stats = nnx.Intermediate(jnp.stack([batch_mean, second]))
+            scale = self.weight[...] * lax.rsqrt(var + self.eps)
+            shift = self.bias[...] - mean * scale
+            return (x * scale.astype(x.dtype) + shift.astype(x.dtype)).astype(x.dtype)
         else:
-            xf = x.astype(jnp.float32)
-            mean = jnp.mean(xf, axis=(0, 1, 2))
-            var = jnp.mean(jnp.square(xf - mean), axis=(0, 1, 2))
+            y, mean, var = batch_norm_train(x, self.weight[...], self.bias[...], self.eps)
             n = x.shape[0] * x.shape[1] * x.shape[2]
             unbiased = var * (n / max(n - 1, 1))
             m = self.momentum
@@ -54,9 +109,7 @@ class BatchNorm2d(nnx.Module):
                 (1 - m) * self.running_var[...] + m * lax.stop_gradient(unbiased)
             )
             self.num_batches_tracked.set_value(self.num_batches_tracked[...] + 1)
-        scale = self.weight[...] * lax.rsqrt(var + self.eps)
-        shift = self.bias[...] - mean * scale
-        return (x * scale.astype(x.dtype) + shift.astype(x.dtype)).astype(x.dtype)
+            return y
 
 
 class GroupNorm(nnx.Module):
@@ -82,7 +135,7 @@ class GroupNorm(nnx.Module):
             groups = per_channel.reshape(b, self.num_groups, k).sum(-1) / n
             return jnp.repeat(groups, k, axis=-1)[:, None, None, :]
 
-        xf = x.astype(jnp.float32)
+        xf = at_least_f32(x)
         centered = xf - group_mean(jnp.sum(xf, axis=(1, 2)))
         var = group_mean(jnp.sum(jnp.square(centered), axis=(1, 2)))
         y = centered * (lax.rsqrt(var + self.eps) * self.weight[...]) + self.bias[...]
@@ -111,7 +164,7 @@ class LayerNorm(nnx.Module):
         self.bias = nnx.Param(jnp.zeros((dim,), jnp.float32))
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        xf = x.astype(jnp.float32)
+        xf = at_least_f32(x)
         mean = jnp.mean(xf, axis=-1, keepdims=True)
         centered = xf - mean
         var = jnp.mean(jnp.square(centered), axis=-1, keepdims=True)

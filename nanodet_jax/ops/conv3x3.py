@@ -124,6 +124,6 @@ def conv3x3(x: jax.Array, kernel: jax.Array, *, impl: str | None = None) -> jax.
     use_ffi = choice == "ffi" or (
         choice == "auto" and jax.default_backend() == "cpu" and ffi_build.load()
     )
-    if not use_ffi:
+    if not use_ffi or x.dtype == jnp.float64:  # Winograd is float32-only
         return conv3x3_lax(x, kernel)
     return lax.platform_dependent(x, kernel, cpu=conv3x3_winograd, default=conv3x3_lax)

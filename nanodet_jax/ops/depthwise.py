@@ -23,6 +23,7 @@ from collections.abc import Callable
 from functools import partial
 
 import jax
+import jax.numpy as jnp
 from jax import lax
 
 from nanodet_jax.ops import depthwise_ffi
@@ -91,7 +92,9 @@ def depthwise_conv2d(
             f"expected x [N, H, W, C] and kernel [K, K, 1, C], got {x.shape} and {kernel.shape}"
         )
     stride, padding = int(stride), int(padding)
-    if choice == "lax":
+    # The FFI and shift-add kernels compute in float32; a float64 input (the float64
+    # reference runs of tools/grad_precision.py) must not be silently rounded by them.
+    if choice == "lax" or x.dtype == jnp.float64:
         return depthwise_conv2d_lax(x, kernel, stride, padding)
     cpu = _cpu_impl(choice, k)
     return lax.platform_dependent(

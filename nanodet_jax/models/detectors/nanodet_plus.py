@@ -26,6 +26,7 @@ from nanodet_jax.models.backbones import BACKBONES
 from nanodet_jax.models.detectors.base import Detector, Targets
 from nanodet_jax.models.heads import HEAD_TRAINING_KEYS, HEADS
 from nanodet_jax.models.necks import NECKS
+from nanodet_jax.precision import at_least_f32
 
 DEFAULT_ASSIGNER = {"name": "DynamicSoftLabelAssigner", "topk": 13, "iou_factor": 3.0}
 
@@ -100,7 +101,7 @@ class NanoDetPlus(Detector):
         return self.has_aux
 
     def __call__(self, images: jax.Array) -> jax.Array:
-        return self.head(self.fpn(self.backbone(images))).astype(jnp.float32)
+        return at_least_f32(self.head(self.fpn(self.backbone(images))))
 
     def forward_train(self, images: jax.Array, detach_aux: bool) -> tuple[jax.Array, jax.Array]:
         """Both heads' raw outputs. ``detach_aux`` (epoch >= detach_epoch) stops the aux
@@ -116,8 +117,8 @@ class NanoDetPlus(Detector):
             aux_in, main = list(feats), list(fpn_feats)
         aux_feats = self.aux_fpn(aux_in)
         dual = [jnp.concatenate([m, a], axis=-1) for m, a in zip(main, aux_feats)]
-        head_out = self.head(fpn_feats).astype(jnp.float32)
-        aux_out = self.aux_head(dual).astype(jnp.float32)
+        head_out = at_least_f32(self.head(fpn_feats))
+        aux_out = at_least_f32(self.aux_head(dual))
         return head_out, aux_out
 
     def forward_all(self, images: jax.Array) -> Any:

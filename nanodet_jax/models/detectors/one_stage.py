@@ -25,6 +25,7 @@ from nanodet_jax.models.backbones import BACKBONES
 from nanodet_jax.models.detectors.base import Detector, Targets
 from nanodet_jax.models.heads import HEAD_TRAINING_KEYS, HEADS
 from nanodet_jax.models.necks import NECKS
+from nanodet_jax.precision import at_least_f32
 
 ATSS_TOPK = 9  # NanoDet's GFLHead builds ATSSAssigner(topk=9) whatever the config says
 
@@ -56,7 +57,7 @@ class OneStageDetector(Detector):
         return self.fpn(feats) if self.fpn is not None else feats
 
     def __call__(self, images: jax.Array) -> jax.Array:
-        return self.head(self.features(images)).astype(jnp.float32)
+        return at_least_f32(self.head(self.features(images)))
 
     def loss(
         self, images: jax.Array, targets: Targets, phase: str

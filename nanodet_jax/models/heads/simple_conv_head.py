@@ -13,11 +13,12 @@ from flax import nnx
 
 from nanodet_jax.models.heads.gfl_head import GFLTowers
 from nanodet_jax.models.heads.nanodet_plus_head import flatten_levels
+from nanodet_jax.precision import at_least_f32
 
 
 class SimpleConvHead(GFLTowers):
     """GFLHead's towers (GroupNorm, LeakyReLU by default) as NanoDet-Plus's aux head: no
-    legacy options, outputs concatenated in float32."""
+    legacy options, outputs concatenated in (at least) float32."""
 
     def __init__(
         self,
@@ -52,7 +53,7 @@ class SimpleConvHead(GFLTowers):
     def __call__(self, feats: Sequence[jax.Array]) -> jax.Array:
         return flatten_levels(
             [
-                jnp.concatenate([cls.astype(jnp.float32), reg.astype(jnp.float32)], axis=-1)
+                jnp.concatenate([at_least_f32(cls), at_least_f32(reg)], axis=-1)
                 for cls, reg in self.level_outputs(feats)
             ]
         )
