@@ -19,7 +19,7 @@ SLOPES = {"ReLU": 0.0, "LeakyReLU": 0.1}  # NanoDet's LeakyReLU slope
 
 
 class JaxKinks:
-    """Patches ``nanodet_jax.layers.Activation``: records ``x >= 0`` of every ReLU /
+    """Patches ``nanodet_jax.models.layers.Activation``: records ``x >= 0`` of every ReLU /
     LeakyReLU call in call order (``record``), or, given ``masks``, replaces each by
     ``where(mask, x, slope * x)``. Reset with :meth:`start` inside the traced function;
     ``use`` (a traced bool) switches the masks off without recompiling."""
@@ -34,7 +34,7 @@ class JaxKinks:
     def patched(self):
         import jax.numpy as jnp
 
-        from nanodet_jax.layers import Activation
+        from nanodet_jax.models.layers import Activation
 
         original = Activation.__call__
 

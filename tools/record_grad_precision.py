@@ -31,7 +31,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO not in sys.path:
     sys.path.insert(0, REPO)
 
-from nanodet_jax.config_utils import load_config  # noqa: E402
+from nanodet_jax.config.loading import load_config  # noqa: E402
 from nanodet_jax.testing import normal_input, random_state_dict  # noqa: E402
 from tools import make_golden_train as golden_train  # noqa: E402
 from tools.grad_precision import PHASES, torch_gradients  # noqa: E402

@@ -17,8 +17,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from nanodet_jax.config_utils import load_config
-from nanodet_jax.norm import batch_norm_train
+from nanodet_jax.config.loading import load_config
+from nanodet_jax.models.norm import batch_norm_train
 from tools.grad_precision import our_gradients
 from tools.make_golden import rel_error
 from tools.record_grad_precision import CONFIG, OUT, inputs
