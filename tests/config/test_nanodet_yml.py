@@ -30,6 +30,8 @@ from tools.record_nanodet_yml import LEGACY, PAIRS, leaves, our_configs
 
 GOLDEN = json.load(open(os.path.join(REPO, "tests", "data", "golden_nanodet_yml.json")))["files"]
 OUR_CONFIGS = our_configs(REPO)  # configs/**/*.py, relative to configs/
+# Configs of models NanoDet does not have (torchvision's FCOS): no .yml can express them.
+NOT_NANODET = ("fcos_r50_fpn.py",)
 
 # Fields both sides carry whose values differ by choice, not by the mapping: (NanoDet's, ours).
 # NanoDet's paths are relative to its own checkout's data folder; its 10 loader workers per
@@ -234,7 +236,7 @@ def test_invalid_yaml_stops_with_one_line(tmp_path):
         load_config(path)
 
 
-@pytest.mark.parametrize("name", OUR_CONFIGS)
+@pytest.mark.parametrize("name", [n for n in OUR_CONFIGS if n not in NOT_NANODET])
 def test_written_yml_reloads_to_an_equal_config(tmp_path, name):
     config = load_config(config_path(name))
     path = os.path.join(tmp_path, "out.yml")
