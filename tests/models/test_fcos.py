@@ -29,6 +29,7 @@ from flax import nnx
 from nanodet_jax.config.loading import load_config
 from nanodet_jax.evaluation.postprocess import batched_multiclass_nms
 from nanodet_jax.models import build_model
+from nanodet_jax.models.detectors.fcos import level_grids
 from nanodet_jax.testing import array_digest, normal_input, random_state_dict
 from nanodet_jax.weights.pytorch import load_torch_weights, model_variables, to_torch_layout
 from tests.conftest import REPO, config_path, skip_unless_ci
@@ -143,7 +144,15 @@ def test_postprocess_on_torchvision_outputs(golden, small):
     meta, arrays = golden
     assert min(per_image[0] for per_image in meta["above_threshold_per_level"]) > 1000
     raw = {k: jnp.asarray(arrays[f"det/head/{k}"]) for k in HEAD_KEYS}
-    dets = _detections(small, raw, tuple(meta["det_input"]["shape"][2:]))
+    hw = tuple(meta["det_input"]["shape"][2:])
+    # The cap itself: what decode leaves to the NMS, per level (the 100 kept detections
+    # alone would not show it, the pairs it removes are P3's weakest).
+    _, scores = jax.jit(lambda r: small.decode(r, hw))(raw)
+    ends = np.cumsum([h * w for h, w in level_grids(hw, 5)])
+    for per_image, above in zip(np.asarray(scores), meta["above_threshold_per_level"]):
+        kept = [int((level > 0).sum()) for level in np.split(per_image, ends[:-1])]
+        assert kept == [min(a, small.topk_candidates) for a in above]
+    dets = _detections(small, raw, hw)
     # Same inputs, the same float32 operations: boxes exact, scores to sigmoid rounding.
     _assert_detections(dets, arrays, box_atol=0.0, score_tol=1e-6)
 
