@@ -106,7 +106,7 @@ def run_configs(paths: list[str], ref, args: argparse.Namespace) -> None:
         notes = "; ".join(f"{k}: {v}" for k, v in r["errors"].items())
         cells = " | ".join(table_rows([r])[0])
         print(f"| {cells} | ({r['wall']:.0f} s) {notes}", flush=True)
-    print(f"\nbatch 1, median of {args.repeats}; speed-up = torch eager ms / ms\n")
+    print(f"\nbatch 1, median of {args.repeats}; speed-up = faster torch eager ms / ms\n")
     print(markdown_table(TABLE_HEADER, table_rows(results)))
     write_json(args.json, {"machine": machine_summary(), "repeats": args.repeats,
                            "configs": results})  # fmt: skip

@@ -7,7 +7,10 @@ of ``Predictor`` and the ONNX export):
   the default backends (the C++ FFI kernels on CPU);
 * ``onnxruntime``: our ONNX export of that model (``export_onnx``), default CPU session;
 * ``torch eager``: NanoDet's model from its own .yml (the config's pair in
-  ``tools/record_nanodet_yml.CONFIGS``), eval mode, ``torch.no_grad()``, NCHW.
+  ``tools/record_nanodet_yml.CONFIGS``), eval mode, ``torch.no_grad()``, NCHW, with torch's
+  default intra-op threads and with one: on a loaded machine (more runnable jobs than
+  cores) torch's OpenMP threads wait on each other at every operator and the default can
+  be several times slower than one thread, so the speed-ups are taken against the faster.
 
 Weights are random (speed does not depend on them); each figure is the median of
 ``repeats`` after two warm-up calls (the first of ours also compiles).
@@ -23,7 +26,7 @@ from typing import Any
 import numpy as np
 from common import REPO, median_seconds
 
-IMPLEMENTATIONS = ("ours", "onnxruntime", "torch eager")
+IMPLEMENTATIONS = ("ours", "onnxruntime", "torch eager", "torch eager 1 thread")
 
 
 def zoo_configs() -> list[str]:
@@ -61,15 +64,23 @@ def time_onnx(model: Any, config: Any, repeats: int) -> float:
         return onnxruntime_latency(path, repeats)
 
 
-def time_torch(ref: Any, yml: str, hw: tuple[int, int], repeats: int) -> float:
+def time_torch(ref: Any, yml: str, hw: tuple[int, int], repeats: int) -> dict[str, float]:
     import torch
 
     from tools.check_zoo import build_reference, reference_arch
 
     model = build_reference(ref, reference_arch(ref, yml))  # eval mode, no ImageNet download
     x = torch.from_numpy(np.random.default_rng(0).normal(size=(1, 3, *hw)).astype("f4"))
-    with torch.no_grad():
-        return median_seconds(lambda: model(x), repeats)
+    threads = torch.get_num_threads()
+    out = {}
+    try:
+        with torch.no_grad():
+            out["torch eager"] = median_seconds(lambda: model(x), repeats)
+            torch.set_num_threads(1)
+            out["torch eager 1 thread"] = median_seconds(lambda: model(x), repeats)
+    finally:
+        torch.set_num_threads(threads)
+    return out
 
 
 def time_config(path: str, ref: Any, nanodet: str | None, repeats: int) -> dict[str, Any]:
@@ -90,7 +101,7 @@ def time_config(path: str, ref: Any, nanodet: str | None, repeats: int) -> dict[
         result["errors"]["onnxruntime"] = str(e).splitlines()[0]
     yml = nanodet_yml(path, nanodet) if nanodet else None
     if ref is not None and yml is not None:
-        seconds["torch eager"] = time_torch(ref, yml, hw, repeats)
+        seconds |= time_torch(ref, yml, hw, repeats)
     elif ref is not None:
         result["errors"]["torch eager"] = "no NanoDet .yml pairs this config"
     result["wall"] = time.perf_counter() - start
@@ -98,12 +109,13 @@ def time_config(path: str, ref: Any, nanodet: str | None, repeats: int) -> dict[
 
 
 def table_rows(results: list[dict[str, Any]]) -> list[list[str]]:
-    """One row per config: ms per implementation, then NanoDet eager time / each of ours."""
+    """One row per config: ms per implementation, then NanoDet's faster eager time (default
+    threads or one) / each of ours."""
     rows = []
     for r in results:
         s = r["seconds"]
         ms = [f"{s[k] * 1e3:.1f}" if k in s else "-" for k in IMPLEMENTATIONS]
-        base = s.get("torch eager")
+        base = min((s[k] for k in IMPLEMENTATIONS[2:] if k in s), default=None)
         ratios = [f"{base / s[k]:.2f}x" if base and k in s else "-" for k in IMPLEMENTATIONS[:2]]
         name = os.path.relpath(os.path.abspath(r["config"]), os.path.join(REPO, "configs"))
         rows.append([name, r["input"], *ms, *ratios])
@@ -116,6 +128,7 @@ TABLE_HEADER = [
     "ours ms",
     "onnxruntime ms",
     "torch eager ms",
+    "torch 1 thread ms",
     "speed-up ours",
     "speed-up onnxruntime",
 ]
