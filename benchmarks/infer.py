@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import os
 import tempfile
+from typing import Any
 
 import jax
 import numpy as np
@@ -97,7 +98,7 @@ def torch_times(ref, config, batch: int, repeats: int) -> dict[str, float]:
     return out
 
 
-def run_configs(paths: list[str], ref, args: argparse.Namespace) -> None:
+def run_configs(paths: list[str], ref: Any, args: argparse.Namespace) -> None:
     """The per-config table (batch-1 latency), printed row by row as it is measured."""
     results = []
     for path in paths:
