@@ -1,6 +1,12 @@
 """Inference speed of NanoDet-Plus-m (320 and 416): ours vs the PyTorch reference, same run.
 
     python benchmarks/infer.py --nanodet /path/to/nanodet [--repeats 20] [--json out.json]
+    python benchmarks/infer.py --zoo [--only SUBSTRING] --nanodet /path/to/nanodet
+    python benchmarks/infer.py --configs configs/a.py,configs/b.py [--nanodet ...]
+
+``--zoo`` (every config paired with a NanoDet .yml) or ``--configs`` switch to one row
+per config at its own input size, batch 1: ours, our ONNX export in onnxruntime and
+NanoDet's eager model (see ``benchmarks/zoo.py``). Without them:
 
 Rows per input size:
 * ``forward``: the model on normalised float32 NHWC input (raw head output), jitted;
@@ -20,6 +26,7 @@ from __future__ import annotations
 import argparse
 import os
 import tempfile
+from typing import Any
 
 import jax
 import numpy as np
@@ -31,6 +38,7 @@ from common import (
     write_json,
 )
 from flax import nnx
+from zoo import TABLE_HEADER, table_rows, time_config, zoo_configs
 
 from nanodet_jax import runtime  # noqa: E402
 from nanodet_jax.config.loading import load_config
@@ -90,6 +98,21 @@ def torch_times(ref, config, batch: int, repeats: int) -> dict[str, float]:
     return out
 
 
+def run_configs(paths: list[str], ref: Any, args: argparse.Namespace) -> None:
+    """The per-config table (batch-1 latency), printed row by row as it is measured."""
+    results = []
+    for path in paths:
+        results.append(time_config(path, ref, args.nanodet, args.repeats))
+        r = results[-1]
+        notes = "; ".join(f"{k}: {v}" for k, v in r["errors"].items())
+        cells = " | ".join(table_rows([r])[0])
+        print(f"| {cells} | ({r['wall']:.0f} s) {notes}", flush=True)
+    print(f"\nbatch 1, median of {args.repeats}; speed-up = faster torch eager ms / ms\n")
+    print(markdown_table(TABLE_HEADER, table_rows(results)))
+    write_json(args.json, {"machine": machine_summary(), "repeats": args.repeats,
+                           "configs": results})  # fmt: skip
+
+
 def main() -> None:
     runtime.configure_xla()  # the entry points' XLA settings, before any computation
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
@@ -97,13 +120,29 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=20)
     p.add_argument("--sizes", type=int, nargs="+", default=[320, 416])
     p.add_argument("--json", help="also write the results here")
+    p.add_argument("--zoo", action="store_true", help="every config of NanoDet's zoo")
+    p.add_argument("--configs", default="", help="comma-separated config paths")
+    p.add_argument("--only", default="", help="with --zoo/--configs: paths containing this")
     args = p.parse_args()
+    if args.nanodet and (args.zoo or args.configs):
+        # timm (NanoDet's ConvNeXt wrapper) imports torchvision, which must come in before
+        # the reference loader puts its stand-ins for NanoDet's optional imports in place.
+        from tools.torchvision_cpu import import_torchvision
+
+        try:
+            import_torchvision()
+        except Exception as e:  # noqa: BLE001 -- only the TIMMWrapper config needs it
+            print(f"note: torchvision unavailable ({e}); no torch row for TIMMWrapper configs")
     ref = load_reference_or_none(args.nanodet)
     if ref is not None:
         import torch
 
         print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
     print(machine_summary())
+    if args.zoo or args.configs:
+        paths = zoo_configs() if args.zoo else [c for c in args.configs.split(",") if c]
+        run_configs([c for c in paths if args.only in c], ref, args)
+        return
 
     rows, results = [], {}
     for size in args.sizes:

@@ -15,7 +15,11 @@ For each NanoDet config file (recursively under ``config/``):
    so those take the config's ``data.train.input_size``). The error is
    ``max|ours - ref| / max|ref|`` of the raw head output: NanoDet's heads return
    ``[B, priors, channels]``, the layout of ours, so the two are compared as they come.
-3. Our weights go back through ``torch_state_dict`` (what ``nanodet-convert
+3. ONNX: our inference model goes through the package's exporter (``export_onnx``, what
+   ``nanodet-export`` runs) for the same input size and runs in onnxruntime (CPU) on the same
+   batch; the output (class sigmoids + DFL logits) is compared with ours and NanoDet's in
+   that space (``tools/zoo_onnx.py``). A model that does not export gets the exporter's line.
+4. Our weights go back through ``torch_state_dict`` (what ``nanodet-convert
    --export-torch`` writes) into a fresh NanoDet model with ``load_state_dict(strict=True)``;
    the re-loaded model's output must equal step 2's reference output.
 
@@ -27,7 +31,8 @@ the round trip needs the whole state_dict, so it exports a second model of ours 
 
 Prints one row per file; exits 1 if a parity error exceeds ``--tol`` (1e-4), a strict load
 fails, the exported values differ from the ones loaded, or the re-loaded output differs
-from the first by more than 1e-6 relative (the same PyTorch model on the same values: 0).
+from the first by more than 1e-6 relative (the same PyTorch model on the same values: 0);
+also if a model does not export to ONNX or the file's output is off by more than ``--tol``.
 """
 
 from __future__ import annotations
@@ -55,6 +60,7 @@ from nanodet_jax import runtime  # noqa: E402
 from nanodet_jax.config.loading import load_config  # noqa: E402
 from nanodet_jax.testing import normal_input, random_state_dict  # noqa: E402
 from tools.reference import _AttrDict, load_reference  # noqa: E402
+from tools.zoo_onnx import format_onnx, onnx_columns, onnx_failure  # noqa: E402
 
 INPUT_SEED = 5
 # The raw head output should stay in the range of a trained model's logits and
@@ -184,6 +190,8 @@ def check_file(ref, yml: str, rel_name: str, size: int) -> dict:
         "noise": rel(ref_out, torch_forward(copy.deepcopy(tm).double(), x.astype(np.float64))),
     }
     row["parity"] = rel(ours_out, ref_out) if row["shape_ok"] else float("inf")
+    if row["shape_ok"]:
+        row |= onnx_columns(ours, config, x, ours_out, ref_out)
 
     # The round trip: the whole state_dict (training branches included) back to NanoDet.
     full = build_model(config) if ours.TRAINING_ONLY else ours
@@ -218,7 +226,7 @@ def format_row(r: dict) -> str:
     parity = "shape!" if not r.get("shape_ok", True) else f"{r['parity']:.1e}"
     return (
         f"| {r['file']} | {r['model']} | {r['size']} | {parity} | {r['ref_max']:.1f} | "
-        f"{r['scale']:.2g} | {r['noise']:.1e} | "
+        f"{r['scale']:.2g} | {r['noise']:.1e} | {format_onnx(r)} | "
         f"{strict} | {rt} | {r['seconds']:.0f} s |"
     )
 
@@ -254,6 +262,8 @@ def main(argv: list[str] | None = None) -> int:
         "max abs ref",
         "head scale",
         "ref noise",
+        "onnx vs ours",
+        "onnx vs NanoDet",
         "strict",
         "round trip",
         "time",
@@ -280,6 +290,8 @@ def main(argv: list[str] | None = None) -> int:
         )
         if bad:
             failures.append(name + (f" ({row['strict_error']})" if "strict_error" in row else ""))
+        elif row["shape_ok"] and (why := onnx_failure(row, args.tol)):
+            failures.append(f"{name} ({why})")
     print(f"\n{len(files)} files, {time.perf_counter() - start:.0f} s")
     for f in failures:
         print(f"FAIL {f}")

@@ -1,0 +1,134 @@
+"""Batch-1 latency of configs of the zoo, three implementations in the same run (``infer.py``).
+
+For each config, at its own input (the val ``input_size`` rounded up to 32, the canvas
+of ``Predictor`` and the ONNX export):
+
+* ``ours``: the inference model (no training branches), jitted, normalised NHWC input;
+  the default backends (the C++ FFI kernels on CPU);
+* ``onnxruntime``: our ONNX export of that model (``export_onnx``), default CPU session;
+* ``torch eager``: NanoDet's model from its own .yml (the config's pair in
+  ``tools/record_nanodet_yml.CONFIGS``), eval mode, ``torch.no_grad()``, NCHW, with torch's
+  default intra-op threads and with one: on a loaded machine (more runnable jobs than
+  cores) torch's OpenMP threads wait on each other at every operator and the default can
+  be several times slower than one thread, so the speed-ups are taken against the faster.
+
+Weights are random (speed does not depend on them); each figure is the median of
+``repeats`` after two warm-up calls (the first of ours also compiles).
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+from typing import Any
+
+import numpy as np
+from common import REPO, median_seconds
+
+IMPLEMENTATIONS = ("ours", "onnxruntime", "torch eager", "torch eager 1 thread")
+
+
+def zoo_configs() -> list[str]:
+    """Our config of every NanoDet .yml, in the order of ``record_nanodet_yml.CONFIGS``."""
+    from tools.record_nanodet_yml import CONFIGS
+
+    return [os.path.join(REPO, "configs", py) for py in CONFIGS.values()]
+
+
+def nanodet_yml(config_path: str, nanodet: str) -> str | None:
+    """NanoDet's file of the same model, if the config has one."""
+    from tools.record_nanodet_yml import CONFIGS
+
+    rel = os.path.relpath(os.path.abspath(config_path), os.path.join(REPO, "configs"))
+    ymls = [yml for yml, py in CONFIGS.items() if py == rel]
+    return os.path.join(nanodet, "config", ymls[0]) if ymls else None
+
+
+def time_ours(model: Any, hw: tuple[int, int], repeats: int) -> float:
+    import jax
+    from flax import nnx
+
+    graphdef, state = nnx.split(model)
+    forward = jax.jit(lambda st, x: nnx.merge(graphdef, st)(x))
+    x = jax.device_put(np.random.default_rng(0).normal(size=(1, *hw, 3)).astype("f4"))
+    return median_seconds(lambda: forward(state, x).block_until_ready(), repeats)
+
+
+def time_onnx(model: Any, config: Any, repeats: int) -> float:
+    from nanodet_jax.deploy.onnx_export import export_onnx, onnxruntime_latency
+
+    with tempfile.TemporaryDirectory() as d:
+        path = os.path.join(d, "model.onnx")
+        export_onnx(model, config, path)
+        return onnxruntime_latency(path, repeats)
+
+
+def time_torch(ref: Any, yml: str, hw: tuple[int, int], repeats: int) -> dict[str, float]:
+    import torch
+
+    from tools.check_zoo import build_reference, reference_arch
+
+    model = build_reference(ref, reference_arch(ref, yml))  # eval mode, no ImageNet download
+    x = torch.from_numpy(np.random.default_rng(0).normal(size=(1, 3, *hw)).astype("f4"))
+    threads = torch.get_num_threads()
+    out = {}
+    try:
+        with torch.no_grad():
+            out["torch eager"] = median_seconds(lambda: model(x), repeats)
+            torch.set_num_threads(1)
+            out["torch eager 1 thread"] = median_seconds(lambda: model(x), repeats)
+    finally:
+        torch.set_num_threads(threads)
+    return out
+
+
+def time_config(path: str, ref: Any, nanodet: str | None, repeats: int) -> dict[str, Any]:
+    """Seconds per implementation (absent: not measured) and what went wrong, for one config."""
+    from nanodet_jax.config.loading import load_config
+    from nanodet_jax.deploy.onnx_export import onnx_input_hw
+    from nanodet_jax.models import build_model
+
+    start = time.perf_counter()
+    config = load_config(path)
+    hw = onnx_input_hw(config)
+    model = build_model(config, with_aux=False)
+    result: dict[str, Any] = {"config": path, "input": f"{hw[0]}x{hw[1]}", "errors": {}}
+    seconds = result["seconds"] = {"ours": time_ours(model, hw, repeats)}
+    try:
+        seconds["onnxruntime"] = time_onnx(model, config, repeats)
+    except (ImportError, NotImplementedError) as e:  # no onnx installed, or no emitter
+        result["errors"]["onnxruntime"] = str(e).splitlines()[0]
+    yml = nanodet_yml(path, nanodet) if nanodet else None
+    if ref is not None and yml is not None:
+        seconds |= time_torch(ref, yml, hw, repeats)
+    elif ref is not None:
+        result["errors"]["torch eager"] = "no NanoDet .yml pairs this config"
+    result["wall"] = time.perf_counter() - start
+    return result
+
+
+def table_rows(results: list[dict[str, Any]]) -> list[list[str]]:
+    """One row per config: ms per implementation, then NanoDet's faster eager time (default
+    threads or one) / each of ours."""
+    rows = []
+    for r in results:
+        s = r["seconds"]
+        ms = [f"{s[k] * 1e3:.1f}" if k in s else "-" for k in IMPLEMENTATIONS]
+        base = min((s[k] for k in IMPLEMENTATIONS[2:] if k in s), default=None)
+        ratios = [f"{base / s[k]:.2f}x" if base and k in s else "-" for k in IMPLEMENTATIONS[:2]]
+        name = os.path.relpath(os.path.abspath(r["config"]), os.path.join(REPO, "configs"))
+        rows.append([name, r["input"], *ms, *ratios])
+    return rows
+
+
+TABLE_HEADER = [
+    "config",
+    "input",
+    "ours ms",
+    "onnxruntime ms",
+    "torch eager ms",
+    "torch 1 thread ms",
+    "speed-up ours",
+    "speed-up onnxruntime",
+]
