@@ -118,17 +118,46 @@ def test_batch_without_boxes(golden):
     assert not np.any(np.asarray(grads["bbox_regression"]))
 
 
-def _model():
-    meta, _ = _load(MODEL_GOLDEN)
+def test_label_map_routes_dataset_labels_to_logits(golden):
+    """``label_map[label]`` is the logit a label trains (the COCO config: category ids)."""
+    _, arrays, targets = golden
+    raw = {k: jnp.asarray(arrays[f"head/{k}"]) for k in HEAD_KEYS}
+    table = np.arange(20)[::-1]
+    mapped = dict(targets, gt_labels=jnp.asarray(table)[targets["gt_labels"]])
+    _, via_map = fcos_loss(raw, targets, HW, SIZES, label_map=tuple(table))
+    _, direct = fcos_loss(raw, mapped, HW, SIZES)
+    _, unmapped = fcos_loss(raw, targets, HW, SIZES)
+    assert float(via_map["classification"]) == float(direct["classification"])
+    assert float(via_map["classification"]) != float(unmapped["classification"])
+
+
+def test_label_map_sets_the_dataset_class_count(golden):
+    from types import SimpleNamespace
+
+    from nanodet_jax.training.loop import check_classes
+
+    arch = _arch(_load(MODEL_GOLDEN)[0]) | {"label_map": [3, 5, 7]}
+    model = build_model(ml_collections.ConfigDict({"arch": arch}))
+    assert model.num_classes == 20 and model.num_label_classes == 3
+    check_classes(model, SimpleNamespace(class_names=["a", "b", "c"], ann_file="x.json"))
+    with pytest.raises(SystemExit, match="trains on 3"):
+        check_classes(model, SimpleNamespace(class_names=list("abcdefghij" * 2), ann_file="x"))
+
+
+def _arch(meta: dict) -> dict:
     width = meta["fpn_channels"]
-    arch = {
+    return {
         "name": "FCOS",
         "backbone": {"name": "ResNet", "depth": 18, "out_stages": [2, 3, 4]},
         "fpn": {"name": "FeaturePyramidNetwork", "in_channels": [128, 256, 512]}
         | {"out_channels": width},
         "head": {"name": "FCOSHead", "in_channels": width, "num_classes": meta["num_classes"]},
     }
-    model = build_model(ml_collections.ConfigDict({"arch": arch}))
+
+
+def _model():
+    meta, _ = _load(MODEL_GOLDEN)
+    model = build_model(ml_collections.ConfigDict({"arch": _arch(meta)}))
     shapes = {
         k: to_torch_layout(np.asarray(v[...])).shape for k, v in model_variables(model).items()
     }

@@ -168,6 +168,10 @@ class FCOS(Detector):
                 raise ValueError(f"label_map entries must be in [0, {self.num_classes})")
         self.label_map = label_map
 
+    @property
+    def num_label_classes(self) -> int:
+        return self.num_classes if self.label_map is None else len(self.label_map)
+
     def features(self, images: jax.Array) -> tuple[tuple[jax.Array, ...], tuple[jax.Array, ...]]:
         """(backbone maps C3-C5, pyramid maps P3-P7) of RGB-ordered images."""
         body = self.backbone.body(images)
