@@ -2,8 +2,9 @@
 
 The model is torchvision's (``nanodet_jax/models/detectors/fcos.py``): 91 outputs indexed
 by COCO category id (0 is "__background__", the ids COCO skips are "N/A"), as in its
-checkpoint; a torchvision state_dict loads with ``load_torch_weights``. Inference only so
-far: training raises, and the data path still resizes to ``input_size`` instead of
+checkpoint; a torchvision state_dict loads with ``load_torch_weights``. Training targets
+follow: the dataset's contiguous labels 0..79 go to logits at their category ids
+(``label_map``). The data path still resizes to ``input_size`` instead of
 torchvision's shorter side 800 / longer side at most 1333 (``min_size`` / ``max_size``,
 recorded under ``data.*.resize`` for that path).
 
@@ -56,6 +57,8 @@ def get_config():
         "score_thresh": 0.2,
         "topk_candidates": 1000,
         "input_channel_order": "BGR",
+        # Dataset label i (the i-th of the sorted COCO ids) trains the logit of that id.
+        "label_map": [i for i in range(1, 91) if i not in COCO_UNUSED_IDS],
     }
     resize = {"min_size": 800, "max_size": 1333, "size_divisible": 32}
     for split in (c.data.train, c.data.val):

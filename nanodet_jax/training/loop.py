@@ -41,12 +41,12 @@ log = logging.getLogger("nanodet_jax")
 
 def check_classes(model: Detector, dataset: CocoDetection) -> None:
     n = len(dataset.class_names)
-    if n != model.num_classes:
+    if n != model.num_label_classes:
         fields = " ".join(f"--config.{f}={n}" for f in model.NUM_CLASSES_FIELDS)
         raise SystemExit(
             f"error: {dataset.ann_file} has {n} categories "
-            f"({', '.join(dataset.class_names[:5])}...) but the model has {model.num_classes} "
-            f"classes; set {fields} and --config.class_names"
+            f"({', '.join(dataset.class_names[:5])}...) but the model trains on "
+            f"{model.num_label_classes} classes; set {fields} and --config.class_names"
         )
 
 

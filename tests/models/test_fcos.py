@@ -167,9 +167,11 @@ def test_detections_end_to_end(golden, small):
     _assert_detections(dets, arrays, box_atol=1e-5 * scale, score_tol=1e-5)
 
 
-def test_training_objective_is_not_implemented(small):
-    with pytest.raises(NotImplementedError, match="FCOS training is not implemented yet"):
-        small.loss(jnp.zeros((1, 64, 64, 3)), {}, "train")
+def test_training_has_the_single_phase_train(small):
+    # The objective itself: tests/models/test_fcos_loss.py.
+    assert small.phase(0) == small.phase(25) == "train"
+    with pytest.raises(ValueError, match="single phase 'train'"):
+        small.loss(jnp.zeros((1, 64, 64, 3)), {}, "joint")
 
 
 @pytest.fixture(scope="module")

@@ -53,6 +53,12 @@ class Detector(nnx.Module):
     def has_training_branches(self) -> bool:
         return False
 
+    @property
+    def num_label_classes(self) -> int:
+        """How many dataset labels the model trains on (``0 .. n - 1``); the class count
+        unless the detector maps labels to other outputs (FCOS's ``label_map``)."""
+        return self.num_classes
+
     def __call__(self, images: jax.Array) -> jax.Array:
         raise NotImplementedError
 

@@ -2,7 +2,7 @@
 torchvision's FPN with P6/P7 and the FCOS head, with torchvision's parameter names, so a
 ``fcos_resnet50_fpn`` state_dict loads by the usual rule (``weights/pytorch.py``).
 
-Inference only in this version: ``loss`` raises. The protocol's members:
+The protocol's members:
 
 * ``model(images)`` -> torchvision's raw head outputs, as a dict ``{"cls_logits": [B, N,
   C], "bbox_regression": [B, N, 4], "bbox_ctrness": [B, N, 1]}`` in its point order
@@ -16,6 +16,19 @@ Inference only in this version: ``loss`` raises. The protocol's members:
   others are zeroed, so the shared NMS never sees them), ``BoxLinearCoder(normalize_by_size
   =True)`` with the level's anchor size, boxes clipped to ``input_hw``. torchvision clips
   to each image's size before batch padding; here the canvas is the bound.
+* ``loss(images, targets, "train")`` (one phase) is ``FCOS.compute_loss`` on the padded
+  batch: the matching of ``assigners/fcos.py`` on the same anchors as ``decode``, the
+  terms ``classification``, ``bbox_regression``, ``bbox_ctrness`` of ``losses/fcos.py``
+  (each over max(1, positives of the batch)); the total is their sum.
+
+Labels. torchvision's FCOS takes a target label as the index of its class logit; its
+COCO model has 91 logits indexed by COCO category id (``configs/fcos_r50_fpn.py``: the
+class list's index is the category id, 0 "__background__" and the skipped ids "N/A"
+never trained). Our datasets give contiguous labels ``0 .. n - 1`` (COCO: the position
+of the category id among the sorted ids), so ``label_map`` gives the logit index of each
+dataset label (that config: the 80 COCO category ids); ``None`` (default) means the
+labels are the logit indices, as for a model whose class list is the dataset's
+(``configs/fcos_quickstart.py``).
 
 Options mirroring ``fcos_resnet50_fpn``: ``norm_layer`` "FrozenBN" (its pretrained
 models, the layout of the COCO checkpoint) or "BN" (``weights=None``: trainable
@@ -37,6 +50,8 @@ import numpy as np
 from flax import nnx
 from jax import lax
 
+from nanodet_jax.assigners.fcos import CENTER_SAMPLING_RADIUS, assign, scale_ranges
+from nanodet_jax.losses.fcos import LOSS_TERMS, fcos_losses
 from nanodet_jax.models.backbones import BACKBONES
 from nanodet_jax.models.detectors.base import Detector, Targets
 from nanodet_jax.models.frozen import freeze, freeze_batch_norms
@@ -126,6 +141,8 @@ class FCOS(Detector):
         score_thresh: float = 0.2,
         topk_candidates: int = 1000,
         input_channel_order: str = "RGB",
+        center_sampling_radius: float = CENTER_SAMPLING_RADIUS,
+        label_map: Sequence[int] | None = None,
         *,
         rngs: nnx.Rngs,
     ):
@@ -144,6 +161,16 @@ class FCOS(Detector):
         self.score_thresh = float(score_thresh)
         self.topk_candidates = int(topk_candidates)
         self.input_channel_order = input_channel_order
+        self.center_sampling_radius = float(center_sampling_radius)
+        if label_map is not None:
+            label_map = tuple(int(i) for i in label_map)
+            if not all(0 <= i < self.num_classes for i in label_map):
+                raise ValueError(f"label_map entries must be in [0, {self.num_classes})")
+        self.label_map = label_map
+
+    @property
+    def num_label_classes(self) -> int:
+        return self.num_classes if self.label_map is None else len(self.label_map)
 
     def features(self, images: jax.Array) -> tuple[tuple[jax.Array, ...], tuple[jax.Array, ...]]:
         """(backbone maps C3-C5, pyramid maps P3-P7) of RGB-ordered images."""
@@ -159,7 +186,13 @@ class FCOS(Detector):
     def loss(
         self, images: jax.Array, targets: Targets, phase: str
     ) -> tuple[jax.Array, dict[str, jax.Array]]:
-        raise NotImplementedError("FCOS training is not implemented yet")
+        if phase != "train":
+            raise ValueError(f"FCOS has the single phase 'train', not {phase!r}")
+        raw = self(images)
+        return fcos_loss(
+            raw, targets, tuple(images.shape[1:3]), self.anchor_sizes,
+            self.center_sampling_radius, self.label_map,
+        )  # fmt: skip
 
     def decode(
         self, raw: dict[str, jax.Array], input_hw: tuple[int, int]
@@ -186,3 +219,38 @@ class FCOS(Detector):
         h, w = input_hw
         bound = jnp.asarray([w, h, w, h], jnp.float32)
         return jnp.clip(boxes, 0.0, bound), jnp.concatenate(kept, 1)
+
+
+def anchors(
+    input_hw: tuple[int, int], anchor_sizes: Sequence[float]
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """torchvision's anchors of a padded input: centres ``[N, 2]``, sides ``[N]`` and the
+    scale ranges ``[N, 2]`` of the matching, levels concatenated."""
+    levels = level_points(input_hw, anchor_sizes)
+    points = np.concatenate([p for p, _ in levels])
+    sizes = np.concatenate([np.full(len(p), s, np.float32) for p, s in levels])
+    return points, sizes, scale_ranges(sizes, len(levels[0][0]), len(levels[-1][0]))
+
+
+def fcos_loss(
+    raw: dict[str, jax.Array],
+    targets: Targets,
+    input_hw: tuple[int, int],
+    anchor_sizes: Sequence[float],
+    center_sampling_radius: float = CENTER_SAMPLING_RADIUS,
+    label_map: Sequence[int] | None = None,
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """Total FCOS loss and its terms from the raw head outputs and the padded gts."""
+    points, sizes, ranges = anchors(input_hw, anchor_sizes)
+    boxes = targets["gt_boxes"].astype(jnp.float32)
+    matched = assign(
+        jnp.asarray(points), jnp.asarray(sizes), jnp.asarray(ranges), boxes,
+        targets["gt_mask"], center_sampling_radius,
+    )  # fmt: skip
+    classes = targets["gt_labels"].astype(jnp.int32)
+    if label_map is not None:
+        # Padded gts may hold any label; they are never matched, so clip the lookup.
+        table = jnp.asarray(label_map, jnp.int32)
+        classes = table[jnp.clip(classes, 0, len(label_map) - 1)]
+    terms = fcos_losses(raw, jnp.asarray(points), jnp.asarray(sizes), matched, boxes, classes)
+    return sum(terms[k] for k in LOSS_TERMS), terms
