@@ -1,0 +1,41 @@
+"""The weight average of a model with RNG state (TAN's nnx.Dropout, EfficientNet-Lite's
+drop-connect stream): weights and statistics are averaged, the RNG key and count are
+the current model's (a PRNG key cannot be multiplied; train.py stopped at the first
+step of every EfficientNet-Lite config)."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from nanodet_jax.training.ema import ema_decay, update_ema
+
+
+class _WithDropout(nnx.Module):
+    def __init__(self, seed: int):
+        self.linear = nnx.Linear(3, 2, rngs=nnx.Rngs(seed))
+        self.norm = nnx.BatchNorm(2, rngs=nnx.Rngs(seed))
+        self.drop = nnx.Dropout(0.5, rngs=nnx.Rngs(dropout=seed))
+
+
+def test_rng_state_is_carried_weights_are_averaged() -> None:
+    ema_model, current_model = _WithDropout(0), _WithDropout(1)
+    current_model.drop(jnp.ones(4))  # advances the current model's dropout count
+    ema, current = nnx.state(ema_model), nnx.state(current_model)
+    it = jnp.int32(7)
+    out = jax.jit(update_ema, static_argnums=3)(ema, current, it, 0.9998)
+
+    d = float(ema_decay(7.0, 0.9998))
+    np.testing.assert_allclose(
+        out["linear"]["kernel"].get_value(),
+        ema["linear"]["kernel"].get_value() * (1 - d) + current["linear"]["kernel"].get_value() * d,
+        rtol=1e-6,
+    )
+    rngs_out, rngs_now = out["drop"]["rngs"], current["drop"]["rngs"]
+    np.testing.assert_array_equal(
+        jax.random.key_data(rngs_out["key"].get_value()),
+        jax.random.key_data(rngs_now["key"].get_value()),
+    )
+    assert int(rngs_out["count"].get_value()) == int(rngs_now["count"].get_value()) == 1
