@@ -31,6 +31,7 @@ import argparse
 import json
 import math
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -230,7 +231,10 @@ def run_one(cfg_path: str, args: argparse.Namespace, data: str) -> dict:
         result.update(summarise(name, cfg_path, run_config, workdir, args))
     else:
         with open(os.path.join(workdir, "train.log")) as f:
-            result["error"] = f.read().strip().splitlines()[-1:]
+            lines = f.read().strip().splitlines() or [""]
+        # The exception's own line, not JAX's closing note about filtered frames.
+        errors = [x for x in lines if re.match(r"\w*(Error|Exception|Interrupt)\b", x)]
+        result["error"] = (errors or lines)[-1:]
     result["ok"] = bool(rc == 0 and result.get("fell") and result.get("lr_ok"))
     with open(os.path.join(args.out, f"{name}.json"), "w") as f:
         json.dump(result, f, indent=1)
