@@ -1,7 +1,8 @@
 """The weight average of a model with RNG state (TAN's nnx.Dropout, EfficientNet-Lite's
 drop-connect stream): weights and statistics are averaged, the RNG key and count are
 the current model's (a PRNG key cannot be multiplied; train.py stopped at the first
-step of every EfficientNet-Lite config)."""
+step of every EfficientNet-Lite config), and the evaluation's local copy of that
+average keeps the key a key (NumPy has none; NanoDet-t's run stopped at its eval)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from nanodet_jax.training import distributed, trainer
 from nanodet_jax.training.ema import ema_decay, update_ema
 
 
@@ -39,3 +41,14 @@ def test_rng_state_is_carried_weights_are_averaged() -> None:
         jax.random.key_data(rngs_now["key"].get_value()),
     )
     assert int(rngs_out["count"].get_value()) == int(rngs_now["count"].get_value()) == 1
+
+
+def test_local_copy_of_a_replicated_state_with_a_key_evaluates() -> None:
+    model = _WithDropout(0)
+    mesh = distributed.data_mesh(jax.devices()[:1])
+    state = jax.device_put(nnx.state(model), distributed.replicated(mesh))
+    local = distributed.local_copy(state)
+    assert isinstance(local["linear"]["kernel"].get_value(), np.ndarray)
+    eval_model = trainer.merge_for_eval(nnx.graphdef(model), local)
+    x = jnp.ones((1, 3))
+    np.testing.assert_array_equal(eval_model.drop(eval_model.linear(x)), model.linear(x))
