@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import jax
 import numpy as np
@@ -79,6 +80,20 @@ def global_batch(local: Mapping[str, np.ndarray], mesh: Mesh) -> dict[str, jax.A
     return {
         k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in local.items()
     }
+
+
+def local_copy(tree: Any) -> Any:
+    """A process-local copy of replicated arrays (this process's first shard), as NumPy.
+
+    PRNG keys (the dropout streams of TAN and EfficientNet-Lite) have no NumPy form:
+    they stay a local single-device key array.
+    """
+
+    def local(a: jax.Array) -> Any:
+        shard = a.addressable_data(0)
+        return shard if jax.dtypes.issubdtype(a.dtype, jax.dtypes.prng_key) else np.asarray(shard)
+
+    return jax.tree.map(local, tree)
 
 
 def is_main_process() -> bool:

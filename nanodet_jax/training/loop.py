@@ -101,7 +101,7 @@ def recalibrate_bn(model: Detector, config: Any, dataset: CocoDetection, num_ima
 def evaluate(graphdef: Any, state: Any, config: Any, val: CocoDetection, epoch: int) -> dict:
     """COCO mAP of the EMA weights on the val set, the images split over processes."""
     # A process-local copy of the replicated EMA weights: prediction runs on local devices.
-    local_ema = jax.tree.map(lambda a: np.asarray(a.addressable_data(0)), state.ema)
+    local_ema = distributed.local_copy(state.ema)
     predictor = Predictor(trainer.merge_for_eval(graphdef, local_ema), config)
     results = coco_eval.predict_dataset_all_hosts(
         predictor, val.records, int(config.test.batch_size), progress=False
@@ -248,7 +248,7 @@ def train_and_evaluate(
     mngr.wait_until_finished()
     progress.close()
     history.finish()
-    local_params = jax.tree.map(lambda a: np.asarray(a.addressable_data(0)), state.params)
+    local_params = distributed.local_copy(state.params)
     summary = {
         "process": jax.process_index(), "final_step": int(state.step), "best_mAP": best_map,
         "params_sha256": array_digest(dict(enumerate(jax.tree.leaves(local_params)))),

@@ -24,6 +24,28 @@ log = logging.getLogger("nanodet_jax")
 FORMAT_VERSION = 1
 
 
+def _is_key(x: Any) -> bool:
+    return hasattr(x, "dtype") and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key)
+
+
+def _keys_to_data(tree: Any) -> Any:
+    """PRNG keys (TAN's / EfficientNet-Lite's dropout streams) as their uint32 data, the
+    form orbax stores them in (a key of shape () is saved as data of shape (2,))."""
+    return jax.tree.map(lambda x: jax.random.key_data(x) if _is_key(x) else x, tree)
+
+
+def _data_to_keys(like: Any, tree: Any) -> Any:
+    """``tree`` (restored) with the keys of ``like`` as keys: checkpoints written before
+    :func:`_keys_to_data` held orbax's own key records, which restore as keys already."""
+
+    def wrap(t: Any, v: Any) -> Any:
+        if _is_key(t) and not _is_key(v):
+            return jax.random.wrap_key_data(v, impl=jax.random.key_impl(t))
+        return v
+
+    return jax.tree.map(wrap, like, tree)
+
+
 def _flat_shapes(tree: Any) -> dict[str, tuple]:
     out = {}
     for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
@@ -68,7 +90,7 @@ def save_weights(
     """Write ``model``'s weights as step ``step`` of an orbax checkpoint directory
     (keeping the newest ``keep`` steps; all by default)."""
     mngr = manager(directory, max_to_keep=keep)
-    state = nnx.to_pure_dict(nnx.state(model))
+    state = _keys_to_data(nnx.to_pure_dict(nnx.state(model)))
     mngr.save(
         step,
         args=ocp.args.Composite(
@@ -97,10 +119,10 @@ def restore_weights(
     # checkpoint; check shapes of what the model needs and restore just that.
     target = nnx.to_pure_dict(nnx.state(model))
     saved = _flat_shapes(items[item].tree)
-    wanted = _flat_shapes(target)
+    wanted = _flat_shapes(_keys_to_data(target))
     _check_shapes(saved, wanted, f"{directory} step {step}", item)
     extra = [k for k in saved if k not in wanted]
-    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
+    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, _keys_to_data(target))
     if extra:
         # Restore everything and keep the model's part: orbax needs the saved tree's structure.
         abstract = None
@@ -110,7 +132,7 @@ def restore_weights(
             **{item: ocp.args.StandardRestore(abstract)}, meta=ocp.args.JsonRestore()
         ),
     )
-    values = _select_like(target, restored[item])
+    values = _data_to_keys(target, _select_like(target, restored[item]))
     state = nnx.state(model)
     nnx.replace_by_pure_dict(state, values)
     nnx.update(model, state)
@@ -175,8 +197,8 @@ def save_train_state(mngr: ocp.CheckpointManager, state: Any, meta: dict) -> Non
     mngr.save(
         int(jax.device_get(state.step)),
         args=ocp.args.Composite(
-            model=ocp.args.StandardSave(model),
-            ema=ocp.args.StandardSave(nnx.to_pure_dict(state.ema)),
+            model=ocp.args.StandardSave(_keys_to_data(model)),
+            ema=ocp.args.StandardSave(_keys_to_data(nnx.to_pure_dict(state.ema))),
             opt_state=ocp.args.StandardSave(state.opt_state),
             meta=ocp.args.JsonSave(meta),
         ),
@@ -197,8 +219,8 @@ def restore_train_state(mngr: ocp.CheckpointManager, template: Any, step: int | 
         return jax.tree.map(ocp.utils.to_shape_dtype_struct, tree)
 
     targets = {
-        "model": nnx.to_pure_dict(full),
-        "ema": nnx.to_pure_dict(template.ema),
+        "model": _keys_to_data(nnx.to_pure_dict(full)),
+        "ema": _keys_to_data(nnx.to_pure_dict(template.ema)),
         "opt_state": template.opt_state,
     }
     saved = mngr.item_metadata(step)
@@ -217,10 +239,11 @@ def restore_train_state(mngr: ocp.CheckpointManager, template: Any, step: int | 
     )
     params, model_state, ema = template.params, template.model_state, template.ema
     nnx.replace_by_pure_dict(params, _select_like(nnx.to_pure_dict(params), restored["model"]))
+    state_like, ema_like = nnx.to_pure_dict(model_state), nnx.to_pure_dict(ema)
     nnx.replace_by_pure_dict(
-        model_state, _select_like(nnx.to_pure_dict(model_state), restored["model"])
+        model_state, _data_to_keys(state_like, _select_like(state_like, restored["model"]))
     )
-    nnx.replace_by_pure_dict(ema, restored["ema"])
+    nnx.replace_by_pure_dict(ema, _data_to_keys(ema_like, _select_like(ema_like, restored["ema"])))
     state = template.replace(
         step=jax.numpy.asarray(step, jax.numpy.int32),
         params=params,
