@@ -134,6 +134,18 @@ def detections(model, x) -> tuple[dict, list]:
     return {k: v.numpy() for k, v in head.items()}, dets, above
 
 
+def loaded_small_fcos(tv, train: bool):
+    """The fixture's torchvision FCOS in train or eval mode with its random weights, a
+    float64 copy, and the weights (NumPy, state_dict names)."""
+    import torch
+
+    model = small_fcos(tv).train(train)
+    shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    weights = small_weights(shapes)
+    model.load_state_dict({k: torch.from_numpy(v) for k, v in weights.items()}, strict=True)
+    return model, copy.deepcopy(model).double(), weights
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--out", default=os.path.join(REPO, "tests", "data", "golden_fcos.npz"))
@@ -142,11 +154,7 @@ def main(argv: list[str] | None = None) -> None:
     import torch
 
     tv = import_torchvision()
-    model = small_fcos(tv).eval()
-    shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    weights = small_weights(shapes)
-    model.load_state_dict({k: torch.from_numpy(v) for k, v in weights.items()}, strict=True)
-    model64 = copy.deepcopy(model).double()
+    model, model64, weights = loaded_small_fcos(tv, train=False)
 
     arrays, noise, inputs = {}, {}, {}
     for name, (shape, seed) in MODULE_INPUTS.items():

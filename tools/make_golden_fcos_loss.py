@@ -30,7 +30,6 @@ and gradient (``noise``).
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import os
 import sys
@@ -42,7 +41,7 @@ if REPO not in sys.path:
     sys.path.insert(0, REPO)
 
 from nanodet_jax.testing import array_digest, normal_input  # noqa: E402
-from tools.make_golden_fcos import HEAD_KEYS, rel_error, small_fcos, small_weights  # noqa: E402
+from tools.make_golden_fcos import HEAD_KEYS, loaded_small_fcos, rel_error  # noqa: E402
 from tools.torchvision_cpu import import_torchvision  # noqa: E402
 
 INPUT = ((3, 3, 64, 96), 75)
@@ -138,11 +137,7 @@ def main(argv: list[str] | None = None) -> None:
     import torch
 
     tv = import_torchvision()
-    model = small_fcos(tv).train()
-    shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    weights = small_weights(shapes)
-    model.load_state_dict({k: torch.from_numpy(v) for k, v in weights.items()}, strict=True)
-    model64 = copy.deepcopy(model).double()
+    model, model64, weights = loaded_small_fcos(tv, train=True)
 
     x = normal_input(INPUT[1], INPUT[0])
     padded = padded_targets()

@@ -48,7 +48,8 @@ def golden():
     return json.loads(str(arrays.pop("meta"))), arrays
 
 
-def _arch(meta: dict) -> dict:
+def fixture_arch(meta: dict) -> dict:
+    """The golden's small torchvision FCOS (ResNet-18 body) as our arch config."""
     width = meta["fpn_channels"]
     return {
         "name": "FCOS",
@@ -66,7 +67,7 @@ def _torch_shapes(model) -> dict[str, tuple[int, ...]]:
 @pytest.fixture(scope="module")
 def small(golden):
     meta, _ = golden
-    model = build_model(ml_collections.ConfigDict({"arch": _arch(meta)}))
+    model = build_model(ml_collections.ConfigDict({"arch": fixture_arch(meta)}))
     weights = random_state_dict(_torch_shapes(model), meta["weight_seed"])
     weights["head.classification_head.cls_logits.bias"] -= np.float32(meta["cls_bias_shift"])
     # Same digest: the same keys, shapes and values as torchvision's state_dict.
@@ -201,7 +202,7 @@ def test_resnet50_variables_are_torchvision_state_dict(golden, resnet50_config, 
 def test_export_import_round_trip_is_exact(golden, small):
     meta, _ = golden
     exported = {k: to_torch_layout(np.asarray(v[...])) for k, v in model_variables(small).items()}
-    other = build_model(ml_collections.ConfigDict({"arch": _arch(meta)}), seed=1)
+    other = build_model(ml_collections.ConfigDict({"arch": fixture_arch(meta)}), seed=1)
     load_torch_weights(other, exported)
     got = {k: np.asarray(v[...]) for k, v in model_variables(other).items()}
     for k, v in model_variables(small).items():

@@ -31,6 +31,7 @@ from nanodet_jax.models.detectors.fcos import anchors, fcos_loss
 from nanodet_jax.testing import array_digest, normal_input, random_state_dict
 from nanodet_jax.weights.pytorch import load_torch_weights, model_variables, to_torch_layout
 from tests.conftest import REPO
+from tests.models.test_fcos import fixture_arch
 
 GOLDEN = os.path.join(REPO, "tests", "data", "golden_fcos_loss.npz")
 MODEL_GOLDEN = os.path.join(REPO, "tests", "data", "golden_fcos.npz")
@@ -136,7 +137,7 @@ def test_label_map_sets_the_dataset_class_count(golden):
 
     from nanodet_jax.training.loop import check_classes
 
-    arch = _arch(_load(MODEL_GOLDEN)[0]) | {"label_map": [3, 5, 7]}
+    arch = fixture_arch(_load(MODEL_GOLDEN)[0]) | {"label_map": [3, 5, 7]}
     model = build_model(ml_collections.ConfigDict({"arch": arch}))
     assert model.num_classes == 20 and model.num_label_classes == 3
     check_classes(model, SimpleNamespace(class_names=["a", "b", "c"], ann_file="x.json"))
@@ -144,20 +145,9 @@ def test_label_map_sets_the_dataset_class_count(golden):
         check_classes(model, SimpleNamespace(class_names=list("abcdefghij" * 2), ann_file="x"))
 
 
-def _arch(meta: dict) -> dict:
-    width = meta["fpn_channels"]
-    return {
-        "name": "FCOS",
-        "backbone": {"name": "ResNet", "depth": 18, "out_stages": [2, 3, 4]},
-        "fpn": {"name": "FeaturePyramidNetwork", "in_channels": [128, 256, 512]}
-        | {"out_channels": width},
-        "head": {"name": "FCOSHead", "in_channels": width, "num_classes": meta["num_classes"]},
-    }
-
-
 def _model():
     meta, _ = _load(MODEL_GOLDEN)
-    model = build_model(ml_collections.ConfigDict({"arch": _arch(meta)}))
+    model = build_model(ml_collections.ConfigDict({"arch": fixture_arch(meta)}))
     shapes = {
         k: to_torch_layout(np.asarray(v[...])).shape for k, v in model_variables(model).items()
     }
