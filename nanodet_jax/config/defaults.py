@@ -116,7 +116,7 @@ def shufflenet_v2(model_size: str) -> dict:
         "out_stages": [2, 3, 4],
         "activation": "LeakyReLU",
         # NanoDet's default is True (torchvision's ImageNet weights, downloaded); here
-        # None: random init. True or a .pth path: see nanodet_jax/pretrained.py.
+        # None: random init. True or a .pth path: see nanodet_jax/models/backbones/pretrained.py.
         "pretrain": None,
     }
 
