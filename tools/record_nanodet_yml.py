@@ -69,6 +69,10 @@ CONFIGS = {
 }
 
 
+# Our configs of models NanoDet does not have (torchvision's FCOS): no .yml expresses them.
+NOT_NANODET = ("fcos_quickstart.py", "fcos_r50_fpn.py")
+
+
 def our_configs(repo: str = REPO) -> list[str]:
     """Our config files, as paths relative to ``configs/`` (subfolders included)."""
     root = os.path.join(repo, "configs")
@@ -136,7 +140,7 @@ def main() -> int:
     defaults, nanodet_load = nanodet_loader(args.ref)
     failures = 0
     with tempfile.TemporaryDirectory() as tmp:
-        for rel in our_configs():
+        for rel in [r for r in our_configs() if r not in NOT_NANODET]:
             py = os.path.join(REPO, "configs", rel)
             out = os.path.join(tmp, rel[:-3].replace(os.sep, "+") + ".yml")
             write_nanodet_yml(load_config(py), out, os.path.relpath(py, REPO))

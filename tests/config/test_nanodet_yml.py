@@ -26,12 +26,10 @@ from nanodet_jax.config.nanodet_yml import UnsupportedNanoDetConfig, our_field
 from nanodet_jax.config.nanodet_yml_write import write_nanodet_yml
 from nanodet_jax.evaluation.coco_eval import STAT_NAMES
 from tests.conftest import REPO, config_path
-from tools.record_nanodet_yml import LEGACY, PAIRS, leaves, our_configs
+from tools.record_nanodet_yml import LEGACY, NOT_NANODET, PAIRS, leaves, our_configs
 
 GOLDEN = json.load(open(os.path.join(REPO, "tests", "data", "golden_nanodet_yml.json")))["files"]
 OUR_CONFIGS = our_configs(REPO)  # configs/**/*.py, relative to configs/
-# Configs of models NanoDet does not have (torchvision's FCOS): no .yml can express them.
-NOT_NANODET = ("fcos_quickstart.py", "fcos_r50_fpn.py")
 
 # Fields both sides carry whose values differ by choice, not by the mapping: (NanoDet's, ours).
 # NanoDet's paths are relative to its own checkout's data folder; its 10 loader workers per
