@@ -21,6 +21,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from nanodet_jax.assigners.dynamic_soft_label import bce_with_logits
+
 LOSS_TERMS = ("classification", "bbox_regression", "bbox_ctrness")
 FOCAL_ALPHA, FOCAL_GAMMA = 0.25, 2.0  # torchvision's sigmoid_focal_loss defaults
 GIOU_EPS = 1e-7  # torchvision's generalized_box_iou_loss default
@@ -29,17 +31,12 @@ GIOU_EPS = 1e-7  # torchvision's generalized_box_iou_loss default
 _SAFE_BOX = np.asarray([0.0, 0.0, 1.0, 1.0], np.float32)
 
 
-def binary_cross_entropy_with_logits(logits: jax.Array, targets: jax.Array) -> jax.Array:
-    """Elementwise ``-(t log sigmoid(x) + (1 - t) log(1 - sigmoid(x)))``, stably."""
-    return (1.0 - targets) * logits - jax.nn.log_sigmoid(logits)
-
-
 def sigmoid_focal_loss(
     logits: jax.Array, targets: jax.Array, alpha: float = FOCAL_ALPHA, gamma: float = FOCAL_GAMMA
 ) -> jax.Array:
     """torchvision's ``sigmoid_focal_loss`` without reduction."""
     p = jax.nn.sigmoid(logits)
-    ce = binary_cross_entropy_with_logits(logits, targets)
+    ce = bce_with_logits(logits, targets)
     p_t = p * targets + (1 - p) * (1 - targets)
     loss = ce * (1 - p_t) ** gamma
     if alpha >= 0:
@@ -103,7 +100,7 @@ def fcos_losses(
     lr, tb = ltrb[..., 0::2], ltrb[..., 1::2]
     ratio = (jnp.min(lr, -1) / jnp.max(lr, -1)) * (jnp.min(tb, -1) / jnp.max(tb, -1))
     target = jnp.where(positive, jnp.sqrt(jnp.where(positive, ratio, 1.0)), 0.0)
-    bce = binary_cross_entropy_with_logits(raw["bbox_ctrness"][..., 0], target)
+    bce = bce_with_logits(raw["bbox_ctrness"][..., 0], target)
     loss_ctr = jnp.sum(jnp.where(positive, bce, 0.0))
     return {
         "classification": loss_cls / num_pos,
