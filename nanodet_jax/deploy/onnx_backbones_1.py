@@ -1,6 +1,7 @@
 """ONNX emitters of the ResNet, MobileNetV2 and RepVGG backbones.
 
-BatchNorm folds into the convolution before it (``onnx_graph.fold_bn``). A RepVGG block
+BatchNorm (or FrozenBatchNorm2d) folds into the convolution before it
+(``onnx_graph.fold_bn``). A RepVGG block
 is always written as its single fused 3x3 conv, as NanoDet exports it after
 ``repvgg_det_model_convert``: a three-branch (training-form) block is fused on the fly
 with the same conversion, so the graph is the deploy model's whichever form is exported.
@@ -60,8 +61,13 @@ def _bottleneck(g: OnnxGraph, x: Value, m: Bottleneck) -> Value:
 
 
 @register_emitter(ResNet)
-def _resnet(g: OnnxGraph, x: Value, m: ResNet) -> tuple[Value, ...]:
-    x = max_pool_3x3_s2(g, activation(g, conv(g, x, m.conv1, m.bn1), m.act))
+def resnet(
+    g: OnnxGraph, x: Value, m: ResNet, reverse_input_channels: bool = False
+) -> tuple[Value, ...]:
+    """The ResNet's output stages; ``reverse_input_channels``: of ``m(x[..., ::-1])``, the
+    reversal folded into conv1's kernel (FCOS's BGR input, ``deploy/onnx_fcos.py``)."""
+    stem = conv(g, x, m.conv1, m.bn1, reverse_input_channels)
+    x = max_pool_3x3_s2(g, activation(g, stem, m.act))
     return _stages(g, x, m, [(i, f"layer{i}") for i in range(1, 5)], m.out_stages)
 
 

@@ -3,8 +3,14 @@
 An emitter ``(graph, x, module) -> value`` writes the ONNX nodes of ``module.__call__``
 for the input value ``x`` (a :class:`Value`, or a list of them for necks and heads).
 Layers shared by every architecture are here; each family registers its own modules'
-emitters with :func:`register_emitter` (``deploy/onnx_nanodet.py``). BatchNorm is folded
-into the preceding convolution, as deploy runtimes (and onnx-simplifier) would do.
+emitters with :func:`register_emitter` (``deploy/onnx_nanodet.py``). BatchNorm (trainable
+in eval mode, or torchvision's FrozenBatchNorm2d) is folded into the preceding
+convolution, as deploy runtimes (and onnx-simplifier) would do.
+
+GroupNorm cannot be folded into a convolution and opset 11 has no GroupNormalization
+(opset 18, and few runtimes have it): it is written as InstanceNormalization over a
+``[1, groups, C / groups * H * W]`` view (each group's mean and variance over its
+channels and pixels), then the per-channel affine.
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ try:
 except ImportError as err:  # an optional extra: say which
     raise ImportError("ONNX export needs onnx: pip install 'nanodet-jax[onnx]'") from err
 
+from nanodet_jax.models.frozen import FrozenBatchNorm2d
 from nanodet_jax.models.layers import (
     Activation,
     Conv2d,
@@ -28,7 +35,10 @@ from nanodet_jax.models.layers import (
     DepthwiseConvModule,
     Sequential,
 )
-from nanodet_jax.models.norm import BatchNorm2d
+from nanodet_jax.models.norm import BatchNorm2d, GroupNorm
+
+# Norms with fixed statistics at inference: folded into the conv before them.
+FOLDED_NORMS = (BatchNorm2d, FrozenBatchNorm2d)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,9 +83,16 @@ def _f64(v: Any) -> np.ndarray:
     return np.asarray(v[...], np.float64)
 
 
-def fold_bn(conv: Conv2d, bn: BatchNorm2d | None) -> tuple[np.ndarray, np.ndarray | None]:
-    """OIHW kernel and bias of ``bn(conv(x))`` as one conv (float64 maths, float32 result)."""
+def fold_bn(
+    conv: Conv2d, bn: BatchNorm2d | FrozenBatchNorm2d | None, reverse_input_channels: bool = False
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """OIHW kernel and bias of ``bn(conv(x))`` as one conv (float64 maths, float32 result);
+    ``reverse_input_channels``: of ``bn(conv(x[:, ::-1]))`` instead (BGR -> RGB)."""
     kernel = _f64(conv.weight).transpose(3, 2, 0, 1)  # HWIO -> OIHW
+    if reverse_input_channels:
+        if conv.groups != 1:
+            raise ValueError("reversing the input channels needs an ungrouped conv")
+        kernel = kernel[:, ::-1]
     bias = None if conv.bias is None else _f64(conv.bias)
     if bn is not None:
         scale = _f64(bn.weight) / np.sqrt(_f64(bn.running_var) + bn.eps)
@@ -85,8 +102,16 @@ def fold_bn(conv: Conv2d, bn: BatchNorm2d | None) -> tuple[np.ndarray, np.ndarra
     return kernel.astype(np.float32), None if bias is None else bias.astype(np.float32)
 
 
-def conv(g: OnnxGraph, x: Value, layer: Conv2d, bn: BatchNorm2d | None = None) -> Value:
-    kernel, bias = fold_bn(layer, bn)
+def conv(
+    g: OnnxGraph,
+    x: Value,
+    layer: Conv2d,
+    bn: BatchNorm2d | FrozenBatchNorm2d | None = None,
+    reverse_input_channels: bool = False,
+) -> Value:
+    """``bn(layer(x))`` as one Conv; ``reverse_input_channels`` folds a channel reversal of
+    ``x`` into the kernel (a model's BGR -> RGB step then costs no node)."""
+    kernel, bias = fold_bn(layer, bn, reverse_input_channels)
     cout, _, k, _ = kernel.shape
     inputs = [x.name, g.const(kernel, "weight")]
     if bias is not None:
@@ -137,7 +162,7 @@ def sequential(g: OnnxGraph, x: Value, seq: Sequential) -> Value:
     while i < len(layers):
         layer = layers[i]
         nxt = layers[i + 1] if i + 1 < len(layers) else None
-        if isinstance(layer, Conv2d) and isinstance(nxt, BatchNorm2d):
+        if isinstance(layer, Conv2d) and isinstance(nxt, FOLDED_NORMS):
             x, i = conv(g, x, layer, nxt), i + 2
         else:
             x, i = emit(g, x, layer), i + 1  # a BatchNorm not after a conv is rejected here
@@ -146,7 +171,7 @@ def sequential(g: OnnxGraph, x: Value, seq: Sequential) -> Value:
 
 def conv_module(g: OnnxGraph, x: Value, m: ConvModule) -> Value:
     norm = getattr(m, m.norm_name) if m.norm_name else None
-    if norm is not None and not isinstance(norm, BatchNorm2d):
+    if norm is not None and not isinstance(norm, FOLDED_NORMS):
         raise NotImplementedError("ONNX export supports BatchNorm ConvModules only (not GN)")
     return activation(g, conv(g, x, m.conv, norm), m.act)
 
@@ -165,9 +190,11 @@ def add(g: OnnxGraph, a: Value, b: Value) -> Value:
     return Value(g.op("Add", [a.name, b.name]), a.shape)
 
 
-def upsample(g: OnnxGraph, x: Value, mode: str) -> Value:
+def upsample(g: OnnxGraph, x: Value, mode: str, size: tuple[int, int] | None = None) -> Value:
+    """x2 upsampling, or to ``size`` (H, W) when given (``F.interpolate(size=...)``)."""
     # Half-pixel bilinear clamps source coordinates at the border, as PyTorch and
-    # layers.upsample_bilinear_2x do; nearest x2 is torch's floor(asymmetric) rule.
+    # layers.upsample_bilinear_2x do; nearest is torch's floor(asymmetric) rule: source
+    # index floor(i * in / out), which models/necks/fpn_p6p7.nearest_resize computes too.
     if mode == "bilinear":
         attrs = {"mode": "linear", "coordinate_transformation_mode": "half_pixel"}
     else:
@@ -177,9 +204,28 @@ def upsample(g: OnnxGraph, x: Value, mode: str) -> Value:
             "nearest_mode": "floor",
         }
     roi = g.const(np.zeros(0, np.float32), "roi")
-    scales = g.const(np.array([1, 1, 2, 2], np.float32), "scales")
     c, h, w = x.shape
-    return Value(g.op("Resize", [x.name, roi, scales], **attrs), (c, 2 * h, 2 * w))
+    if size is None:
+        scales = g.const(np.array([1, 1, 2, 2], np.float32), "scales")
+        return Value(g.op("Resize", [x.name, roi, scales], **attrs), (c, 2 * h, 2 * w))
+    # Opset 11 takes sizes as the fourth input, with an empty scales tensor.
+    empty = g.const(np.zeros(0, np.float32), "scales")
+    sizes = g.const(np.array([1, c, *size], np.int64), "sizes")
+    return Value(g.op("Resize", [x.name, roi, empty, sizes], **attrs), (c, *size))
+
+
+def group_norm(g: OnnxGraph, x: Value, gn: GroupNorm) -> Value:
+    c, h, w = x.shape
+    groups = gn.num_groups
+    grouped = g.op("Reshape", [x.name, g.const(np.array([1, groups, -1], np.int64))])
+    ones = g.const(np.ones(groups, np.float32), "gn_scale")
+    zeros = g.const(np.zeros(groups, np.float32), "gn_shift")
+    normed = g.op("InstanceNormalization", [grouped, ones, zeros], epsilon=float(gn.eps))
+    back = g.op("Reshape", [normed, g.const(np.array([1, c, h, w], np.int64))])
+    weight = np.asarray(gn.weight[...], np.float32).reshape(c, 1, 1)
+    bias = np.asarray(gn.bias[...], np.float32).reshape(c, 1, 1)
+    scaled = g.op("Mul", [back, g.const(weight, "gn_weight")])
+    return Value(g.op("Add", [scaled, g.const(bias, "gn_bias")]), x.shape)
 
 
 EMITTERS: dict[type, Callable[[OnnxGraph, Any, Any], Any]] = {
@@ -188,6 +234,7 @@ EMITTERS: dict[type, Callable[[OnnxGraph, Any, Any], Any]] = {
     Activation: activation,
     ConvModule: conv_module,
     DepthwiseConvModule: dw_conv_module,
+    GroupNorm: group_norm,
 }
 
 

@@ -5,10 +5,8 @@ num_classes + 4 * (reg_max + 1)]``, class scores as sigmoid probabilities, then 
 DFL logits (GFLHead's already multiplied by its level's ``Scale``). Priors are in the
 head's order; decoding them needs cell centres ``(j + 0.5) * stride``.
 
-GroupNorm cannot be folded into a convolution and opset 11 has no GroupNormalization:
-it is written as InstanceNormalization over a ``[1, groups, C / groups * H * W]`` view
-(each group's mean and variance over its channels and pixels), then the per-channel
-affine. BatchNorm is folded as everywhere else.
+GroupNorm is written as InstanceNormalization (``onnx_graph.group_norm``), BatchNorm is
+folded as everywhere else.
 """
 
 from __future__ import annotations
@@ -16,34 +14,22 @@ from __future__ import annotations
 import numpy as np
 
 from nanodet_jax.deploy.onnx_graph import (
+    FOLDED_NORMS,
     OnnxGraph,
     Value,
     activation,
     conv,
+    group_norm,
     register_emitter,
 )
 from nanodet_jax.models.heads.gfl_head import GFLHead
 from nanodet_jax.models.heads.nanodet_head import NanoDetHead
 from nanodet_jax.models.layers import ConvModule, DepthwiseConvModule
-from nanodet_jax.models.norm import BatchNorm2d, GroupNorm
-
-
-def group_norm(g: OnnxGraph, x: Value, gn: GroupNorm) -> Value:
-    c, h, w = x.shape
-    groups = gn.num_groups
-    grouped = g.op("Reshape", [x.name, g.const(np.array([1, groups, -1], np.int64))])
-    ones = g.const(np.ones(groups, np.float32), "gn_scale")
-    zeros = g.const(np.zeros(groups, np.float32), "gn_shift")
-    normed = g.op("InstanceNormalization", [grouped, ones, zeros], epsilon=float(gn.eps))
-    back = g.op("Reshape", [normed, g.const(np.array([1, c, h, w], np.int64))])
-    weight = np.asarray(gn.weight[...], np.float32).reshape(c, 1, 1)
-    bias = np.asarray(gn.bias[...], np.float32).reshape(c, 1, 1)
-    scaled = g.op("Mul", [back, g.const(weight, "gn_weight")])
-    return Value(g.op("Add", [scaled, g.const(bias, "gn_bias")]), x.shape)
+from nanodet_jax.models.norm import GroupNorm
 
 
 def _conv_norm(g: OnnxGraph, x: Value, layer, norm) -> Value:
-    if norm is None or isinstance(norm, BatchNorm2d):
+    if norm is None or isinstance(norm, FOLDED_NORMS):
         return conv(g, x, layer, norm)
     if isinstance(norm, GroupNorm):
         return group_norm(g, conv(g, x, layer), norm)

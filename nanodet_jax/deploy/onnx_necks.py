@@ -22,6 +22,7 @@ from nanodet_jax.deploy.onnx_graph import (
     conv_module,
     emit,
     register_emitter,
+    upsample,
 )
 from nanodet_jax.models.necks.fpn import FPN
 from nanodet_jax.models.necks.pan import PAN
@@ -47,10 +48,7 @@ def resize_bilinear(
         scales = g.const(np.array([1, 1, scale, scale], np.float32), "scales")
         out = g.op("Resize", [x.name, roi, scales], **attrs)
         return Value(out, (c, int(math.floor(h * scale)), int(math.floor(w * scale))))
-    # Opset 11 takes sizes as the fourth input, with an empty scales tensor.
-    empty = g.const(np.zeros(0, np.float32), "scales")
-    sizes = g.const(np.array([1, c, *size], np.int64), "sizes")
-    return Value(g.op("Resize", [x.name, roi, empty, sizes], **attrs), (c, *size))
+    return upsample(g, x, "bilinear", size)
 
 
 def _laterals(g: OnnxGraph, inputs: list[Value], m: FPN) -> list[Value]:
