@@ -3,7 +3,8 @@
     nanodet-export --config configs/nanodet_plus_m_416.py \
         --torch-weights nanodet-plus-m_416.pth --out nanodet-plus-m_416.onnx [--benchmark 20]
 
-The file's contract (input ``data``, output ``output``, opset 11) is described in
+The file's contract (input ``data``, output ``output``, opset 11; FCOS: outputs
+``cls_logits``, ``bbox_regression``, ``bbox_ctrness``) is described in
 ``nanodet_jax/deploy/onnx_export.py``.
 """
 
@@ -13,13 +14,7 @@ import argparse
 import time
 
 from nanodet_jax.cli import common as cli
-from nanodet_jax.deploy.onnx_export import (
-    INPUT_NAME,
-    OPSET,
-    OUTPUT_NAME,
-    export_onnx,
-    onnxruntime_latency,
-)
+from nanodet_jax.deploy.onnx_export import INPUT_NAME, OPSET, export_onnx, onnxruntime_latency
 from nanodet_jax.models import build_model
 
 
@@ -37,20 +32,16 @@ def main(argv: list[str] | None = None) -> None:
     start = time.perf_counter()
     onnx_model = export_onnx(model, config, args.out)
     graph = onnx_model.graph
-    inp, out = (
-        [d.dim_value for d in v.type.tensor_type.shape.dim] for v in (*graph.input, *graph.output)
-    )
+    dims = [(v.name, [d.dim_value for d in v.type.tensor_type.shape.dim]) for v in graph.output]
+    inp = [d.dim_value for d in graph.input[0].type.tensor_type.shape.dim]
+    outs = ", ".join(f"{name} {shape}" for name, shape in dims)  # FCOS: three outputs
     print(
         f"wrote {args.out} (opset {OPSET}, {len(graph.node)} nodes, "
-        f"{time.perf_counter() - start:.1f} s): {INPUT_NAME} {inp} -> {OUTPUT_NAME} {out}"
+        f"{time.perf_counter() - start:.1f} s): {INPUT_NAME} {inp} -> {outs}"
     )
     if args.benchmark:
         ms = onnxruntime_latency(args.out, args.benchmark) * 1e3
         print(f"onnxruntime CPU latency (batch 1, median of {args.benchmark}): {ms:.1f} ms")
-
-
-if __name__ == "__main__":
-    main()
 
 
 if __name__ == "__main__":

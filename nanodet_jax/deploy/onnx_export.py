@@ -14,11 +14,16 @@ The file is what NanoDet's deploy demos (ncnn, MNN, OpenVINO) load:
   rest raw distribution (DFL) logits (NanoDet's ``_forward_onnx``).
 * opset 11 (NanoDet's), standard domain only; weights are initializers, not inputs.
 
+FCOS (``onnx_fcos.py``) takes the same input and returns ``model(images)``'s dict as
+three outputs, ``cls_logits [1, N, C]``, ``bbox_regression [1, N, 4]`` and
+``bbox_ctrness [1, N, 1]``, raw (no sigmoid), in torchvision's point order.
+
 The graph is written directly from the model's parameters (no tracing): the detector's
 ``onnx_graph`` calls the emitters of ``onnx_graph.py`` (shared layers) and of its family
 (``onnx_nanodet.py``; ``onnx_backbones_2.py`` for EfficientNet-Lite, GhostNet and
-CustomCspNet), each writing the ONNX nodes of one module's ``__call__`` (checked against
-it by ``tests/deploy/test_export_onnx.py`` and ``tests/deploy/test_onnx_backbones_2.py``).
+CustomCspNet; ``onnx_fcos.py`` for FCOS), each writing the ONNX nodes of one module's
+``__call__`` (checked against it by ``tests/deploy/test_export_onnx.py``,
+``tests/deploy/test_onnx_backbones_2.py`` and ``tests/deploy/test_export_onnx_fcos.py``).
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ from nanodet_jax.deploy import (
     onnx_backbones_1,  # noqa: F401  (ResNet, MobileNetV2, RepVGG)
     onnx_backbones_2,  # noqa: F401  (EfficientNet-Lite, GhostNet, CustomCspNet)
     onnx_convnext,  # noqa: F401  (TIMMWrapper's ConvNeXt)
+    onnx_fcos,  # noqa: F401  (torchvision's FCOS: FPN with P6/P7, FCOS head)
     onnx_legacy,  # noqa: F401  (the legacy GFL heads' emitters)
     onnx_nanodet,  # noqa: F401  (registers NanoDet-Plus's emitters)
     onnx_necks,  # noqa: F401  (FPN, PAN, TAN)
@@ -46,18 +52,23 @@ OUTPUT_NAME = "output"
 
 
 def build_onnx_model(model: Detector, input_hw: tuple[int, int]) -> onnx.ModelProto:
-    """The inference graph of ``model`` (its current weights) for a ``[1, 3, *input_hw]`` input."""
+    """The inference graph of ``model`` (its current weights) for a ``[1, 3, *input_hw]`` input:
+    ``model.onnx_graph`` returns one value (``output``) or a dict of them (named by key)."""
     from onnx import TensorProto, helper
 
     h, w = input_hw
     g = OnnxGraph()
     result = model.onnx_graph(g, Value(INPUT_NAME, (3, h, w)))
-    # The graph's output carries the contract's name: rename the value that produced it.
-    producer = next(node for node in reversed(g.nodes) if result.name in node.output)
-    producer.output[list(producer.output).index(result.name)] = OUTPUT_NAME
+    # One value is the contract's ``output``; a dict (FCOS) names its outputs by its keys.
+    results = result if isinstance(result, dict) else {OUTPUT_NAME: result}
+    outs = []
+    for name, value in results.items():
+        # The graph's output carries the contract's name: rename the value that produced it.
+        producer = next(node for node in reversed(g.nodes) if value.name in node.output)
+        producer.output[list(producer.output).index(value.name)] = name
+        outs.append(helper.make_tensor_value_info(name, TensorProto.FLOAT, [1, *value.shape]))
     inp = helper.make_tensor_value_info(INPUT_NAME, TensorProto.FLOAT, [1, 3, h, w])
-    out = helper.make_tensor_value_info(OUTPUT_NAME, TensorProto.FLOAT, [1, *result.shape])
-    graph = helper.make_graph(g.nodes, type(model).__name__.lower(), [inp], [out], g.initializers)
+    graph = helper.make_graph(g.nodes, type(model).__name__.lower(), [inp], outs, g.initializers)
     onnx_model = helper.make_model(
         graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="nanodet_jax"
     )

@@ -7,8 +7,9 @@ The protocol's members:
 * ``model(images)`` -> torchvision's raw head outputs, as a dict ``{"cls_logits": [B, N,
   C], "bbox_regression": [B, N, 4], "bbox_ctrness": [B, N, 1]}`` in its point order
   (level, row, column). The generic consumers pass ``__call__``'s result through to
-  ``decode`` untouched (predictor), discard it (BatchNorm recalibration) or do not use it
-  (no ONNX export yet), so a dict needs no change to the protocol.
+  ``decode`` untouched (predictor) or discard it (BatchNorm recalibration), so a dict
+  needs no change to the protocol; the ONNX export writes it as three named outputs
+  (``deploy/onnx_fcos.py``).
 * ``decode(raw, input_hw)`` is ``FCOS.postprocess_detections`` up to its NMS: points at
   ``(j * stride_w, i * stride_h)`` with ``stride = padded size // grid size`` per axis
   (no half-cell offset), score ``sqrt(sigmoid(cls) * sigmoid(ctr))``, only the
@@ -182,6 +183,11 @@ class FCOS(Detector):
             images = images[..., ::-1]
         outputs = self.head(self.backbone(images))
         return {k: at_least_f32(v) for k, v in outputs.items()}
+
+    def onnx_graph(self, graph: Any, image: Any) -> Any:
+        # One emitter for the whole model (deploy/onnx_fcos.py): it folds the BGR -> RGB
+        # reversal into conv1 rather than emitting it as a node.
+        return graph.emit(image, self)
 
     def loss(
         self, images: jax.Array, targets: Targets, phase: str
