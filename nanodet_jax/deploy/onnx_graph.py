@@ -16,6 +16,7 @@ channels and pixels), then the per-channel affine.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 from collections.abc import Callable
 from typing import Any
 
@@ -57,15 +58,21 @@ class OnnxGraph:
         self.nodes: list[onnx.NodeProto] = []
         self.initializers: list[onnx.TensorProto] = []
         self._count = 0
+        self._consts: dict[tuple, str] = {}
 
     def _name(self, hint: str) -> str:
         self._count += 1
         return f"{hint}_{self._count}"
 
     def const(self, value: np.ndarray, hint: str = "const") -> str:
-        name = self._name(hint)
-        self.initializers.append(numpy_helper.from_array(np.asarray(value), name))
-        return name
+        """An initializer holding ``value``; equal values share one (a head shared over the
+        pyramid levels, as FCOS's and GFLHead's are, is then stored once, not per level)."""
+        value = np.asarray(value)
+        key = (value.dtype.str, value.shape, hashlib.blake2b(value.tobytes()).digest())
+        if key not in self._consts:
+            self._consts[key] = self._name(hint)
+            self.initializers.append(numpy_helper.from_array(value, self._consts[key]))
+        return self._consts[key]
 
     def op(self, op_type: str, inputs: list[str], out: str = "", **attrs: Any) -> str:
         out = out or self._name(op_type.lower())

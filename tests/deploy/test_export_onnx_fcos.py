@@ -113,6 +113,10 @@ def test_onnx_matches_jax(name, size, tmp_path):
     model, hw = _model(name), SIZES[size]
     proto = onnx_export.build_onnx_model(model, hw)
     check_contract(proto, hw, model.num_classes)
+    # The head is shared over the levels and stored once: no more numbers than the model
+    # holds (per level it would be five times the head).
+    stored = sum(int(np.prod(t.dims)) for t in proto.graph.initializer)
+    assert stored <= sum(np.asarray(v[...]).size for v in model_variables(model).values())
     path = str(tmp_path / "fcos.onnx")
     onnx.save(proto, path)
     x = normal_input(11, (1, 3, *hw))
