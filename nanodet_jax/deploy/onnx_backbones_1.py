@@ -1,10 +1,10 @@
 """ONNX emitters of the ResNet, MobileNetV2 and RepVGG backbones.
 
 BatchNorm (or FrozenBatchNorm2d) folds into the convolution before it
-(``onnx_graph.fold_bn``). A RepVGG block
-is always written as its single fused 3x3 conv, as NanoDet exports it after
-``repvgg_det_model_convert``: a three-branch (training-form) block is fused on the fly
-with the same conversion, so the graph is the deploy model's whichever form is exported.
+(``onnx_graph.fold_bn``). A RepVGG block is always written as its single fused 3x3 conv,
+as NanoDet exports it after ``repvgg_det_model_convert``: a three-branch (training-form)
+block is fused on the fly with the same conversion, so the graph is the deploy model's
+whichever form is exported.
 """
 
 from __future__ import annotations

@@ -83,7 +83,8 @@ class Detector(nnx.Module):
 
     def onnx_graph(self, graph: Any, image: Any) -> Any:
         """Emit the inference graph: ``image`` is the graph's NCHW input value; return the
-        output value (``deploy/onnx_export.py`` names it and checks the model)."""
+        output value, or a dict of them for several named outputs (FCOS)
+        (``deploy/onnx_export.py`` names them and checks the model)."""
         raise NotImplementedError(f"{type(self).__name__} has no ONNX export")
 
 
