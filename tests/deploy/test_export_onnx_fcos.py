@@ -107,8 +107,13 @@ def assert_close(ours: dict, theirs: dict) -> dict[str, float]:
     return errors
 
 
-@pytest.mark.parametrize("size", list(SIZES))
-@pytest.mark.parametrize("name", list(CONFIGS))
+# Each model at one size (each run compiles the model, ~10 s): the BGR quickstart at the
+# size whose P6/P7 grids round up (and whose P5 -> P4 upsampling goes 5 -> 9 columns), the
+# FrozenBN R50 with RGB input at a multiple of 128.
+CASES = [("quickstart", "96x144"), ("r50_narrow", "128x128")]
+
+
+@pytest.mark.parametrize("name,size", CASES)
 def test_onnx_matches_jax(name, size, tmp_path):
     model, hw = _model(name), SIZES[size]
     proto = onnx_export.build_onnx_model(model, hw)
