@@ -105,6 +105,11 @@ def test_fcos_r50_convert_eval_predict_on_a_tiny_input(tmp_path):
 
     config = load_config(R50, R50_TINY)
     sd = torch_state_dict(build_model(config, with_aux=False, seed=7))
+    # An init scores every class alike (~0.07); make "__background__" (0) and an "N/A"
+    # slot (12) the strongest logits and the toothbrush (90) next: with the labels mapped
+    # only toothbrushes score above 0.5, unmapped the first two would come out on top.
+    bias = sd["head.classification_head.cls_logits.bias"]
+    bias[[0, 12]], bias[90] = 5.0, 3.0
     assert (
         "backbone.body.bn1.running_var" in sd and "head.classification_head.cls_logits.bias" in sd
     )
@@ -131,6 +136,8 @@ def test_fcos_r50_convert_eval_predict_on_a_tiny_input(tmp_path):
     assert 0.0 <= metrics["stats"]["AP"] <= 1.0
     dets = json.loads((out / "detections.json").read_text())
     assert len(dets) > 20
+    strong = [d["category_id"] for d in dets if d["score"] > 0.5]
+    assert strong and set(strong) == {90}, sorted(set(strong))
     # Category ids only: the "__background__" / "N/A" logits never become detections.
     assert {d["category_id"] for d in dets} <= set(config.model.arch.label_map)
     predict.main([str(data), "--config", R50, *R50_TINY, "--checkpoint", str(ckpt),
@@ -143,6 +150,8 @@ def test_fcos_r50_convert_eval_predict_on_a_tiny_input(tmp_path):
         wh = (100, 60) if r["file"].endswith("a.png") else (60, 100)
         boxes = np.array([d["box_xyxy"] for d in r["detections"]]).reshape(-1, 4)
         assert len(boxes) > 10
+        strong = {d["class_name"] for d in r["detections"] if d["score"] > 0.5}
+        assert strong == {"toothbrush"}, strong
         assert np.all(boxes >= 0) and np.all(boxes <= np.array(wh * 2) + 1e-3)
 
 
