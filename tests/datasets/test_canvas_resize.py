@@ -1,7 +1,7 @@
 """torchvision's min / max size resize onto canvases (``nanodet_jax/data/canvas_resize.py``):
-parity with ``GeneralizedRCNNTransform`` (bit for bit when upscaling) on crops of a real photo (golden of
-``tools/check_canvas_resize.py``), the canvas choice and its config errors, and the
-training loader's grouping of images by canvas."""
+parity with ``GeneralizedRCNNTransform`` (bit for bit when upscaling) on crops of a real
+photo (golden of ``tools/check_canvas_resize.py``), the canvas choice and its config
+errors, and the training loader's grouping of images by canvas."""
 
 from __future__ import annotations
 
