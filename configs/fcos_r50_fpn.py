@@ -4,9 +4,15 @@ The model is torchvision's (``nanodet_jax/models/detectors/fcos.py``): 91 output
 by COCO category id (0 is "__background__", the ids COCO skips are "N/A"), as in its
 checkpoint; a torchvision state_dict loads with ``load_torch_weights``. Training targets
 follow: the dataset's contiguous labels 0..79 go to logits at their category ids
-(``label_map``). The data path still resizes to ``input_size`` instead of
-torchvision's shorter side 800 / longer side at most 1333 (``min_size`` / ``max_size``,
-recorded under ``data.*.resize`` for that path).
+(``label_map``); detections come back as those labels (``FCOS.decode``), so COCO
+evaluation scores them against their categories.
+
+Input size: torchvision's ``GeneralizedRCNNTransform``, shorter side 800 and longer side
+at most 1333 (``data.*.resize``, :mod:`nanodet_jax.data.canvas_resize`), each image on
+the smallest of seven canvases (one compiled program each) instead of torchvision's
+per-batch padding; ``input_size`` is the largest canvas (what an ONNX export takes).
+Training augments as torchvision's detection reference does by default: a horizontal
+flip with probability 0.5, nothing else.
 
 Normalisation: torchvision takes RGB in [0, 1] with the ImageNet mean (0.485, 0.456, 0.406)
 and std (0.229, 0.224, 0.225); our pipeline normalises BGR with a 0-255 mean / std, so the
@@ -60,12 +66,23 @@ def get_config():
         # Dataset label i (the i-th of the sorted COCO ids) trains the logit of that id.
         "label_map": [i for i in range(1, 91) if i not in COCO_UNUSED_IDS],
     }
-    resize = {"min_size": 800, "max_size": 1333, "size_divisible": 32}
+    resize = {
+        "min_size": 800,
+        "max_size": 1333,
+        "size_divisible": 32,
+        # (w, h): square, 4:3, 3:2 and the widest (1333 / 800) resize, landscape and
+        # portrait, rounded up to 32: COCO's usual 640x480 / 640x427 photos fill theirs
+        # exactly (canvas_resize.py: 1.2% more pixels than per-image padding on coco_tiny).
+        "canvases": [[800, 800], [1088, 800], [800, 1088], [1216, 800], [800, 1216],
+                     [1344, 800], [800, 1344]],
+    }  # fmt: skip
     for split in (c.data.train, c.data.val):
         split.input_size = [1344, 800]  # (w, h): the largest canvas min/max size allow
         split.keep_ratio = True
         split.pipeline.normalize = [list(v) for v in NORMALIZE]
         split.resize = resize
+    # torchvision's reference recipe (--data-augmentation hflip): flip only, no colour.
+    c.data.train.pipeline = {"flip": 0.5, "normalize": [list(v) for v in NORMALIZE]}
     c.test = {
         "score_thr": 0.2,
         "nms_iou": 0.6,

@@ -49,6 +49,18 @@ def read_config(path: str, overrides: list[str]) -> Any:
         sys.exit(f"error: {message}")
 
 
+def check_data_config(config: Any) -> None:
+    """A mistake in ``data.<split>.resize`` (the canvas rule) ends the program with one
+    line naming the field, before any data is read or program compiled."""
+    from nanodet_jax.data import canvas_resize
+
+    for split in ("train", "val"):
+        try:
+            canvas_resize.from_config(config.data[split], f"data.{split}")
+        except ValueError as err:
+            sys.exit(f"error: {err}")
+
+
 def add_weight_args(parser: argparse.ArgumentParser, required: bool = True) -> None:
     """``--torch-weights FILE`` | ``--checkpoint DIR`` (+ ``--step``)."""
     src = parser.add_mutually_exclusive_group(required=required)

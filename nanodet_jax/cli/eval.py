@@ -20,7 +20,7 @@ import time
 from nanodet_jax.cli import common as cli
 from nanodet_jax.data.datasets import build_dataset
 from nanodet_jax.evaluation import coco_eval, evaluator_from_config
-from nanodet_jax.evaluation.predictor import Predictor
+from nanodet_jax.evaluation.predictor import Predictor, config_label_names
 from nanodet_jax.models import build_model
 
 log = logging.getLogger("nanodet_jax")
@@ -41,12 +41,15 @@ def main(argv: list[str] | None = None) -> dict:
     cli.start()
     config = cli.read_config(args.config, overrides)
     val = config.data.val
-    dataset = build_dataset(val, config.get("class_names"), role="val")
+    cli.check_data_config(config)
+    dataset = build_dataset(val, config_label_names(config), role="val")
     model = build_model(config, with_aux=False)
-    if len(dataset.class_names) != model.num_classes:
+    if len(dataset.class_names) != model.num_label_classes:
+        # FCOS with a label_map: the dataset's labels are that map's entries, not its logits.
         sys.exit(
             f"error: {dataset.ann_file} has {len(dataset.class_names)} categories but the model "
-            f"predicts {model.num_classes} classes (config {', '.join(model.NUM_CLASSES_FIELDS)})"
+            f"predicts {model.num_label_classes} classes (config "
+            f"{', '.join(model.NUM_CLASSES_FIELDS)}, or model.arch.label_map)"
         )
     cli.load_weights(model, args)
 

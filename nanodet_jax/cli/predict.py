@@ -20,6 +20,7 @@ import logging
 import os
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 import cv2
 
@@ -42,9 +43,20 @@ def load_predictor(
     step: int | None = None,
 ) -> Predictor:
     """A Predictor for a config file and weights (exactly one of the two sources)."""
+    return predictor_from_config(
+        load_config(config_path, overrides), torch_weights, checkpoint_dir, step
+    )
+
+
+def predictor_from_config(
+    config: Any,
+    torch_weights: str | None = None,
+    checkpoint_dir: str | None = None,
+    step: int | None = None,
+) -> Predictor:
+    """:func:`load_predictor` for a loaded config."""
     if (torch_weights is None) == (checkpoint_dir is None):
         raise ValueError("give exactly one of torch_weights or checkpoint_dir")
-    config = load_config(config_path, overrides)
     model = build_model(config, with_aux=False)
     source = argparse.Namespace(torch_weights=torch_weights, checkpoint=checkpoint_dir, step=step)
     cli.load_weights(model, source)
@@ -111,9 +123,9 @@ def main(argv: list[str] | None = None) -> None:
     others, overrides = split_overrides(sys.argv[1:] if argv is None else argv)
     args = p.parse_args(others)
     cli.start()
-    predictor = load_predictor(
-        args.config, args.torch_weights, args.checkpoint, overrides, args.step
-    )
+    config = cli.read_config(args.config, overrides)
+    cli.check_data_config(config)
+    predictor = predictor_from_config(config, args.torch_weights, args.checkpoint, args.step)
     paths = image_paths(args.inputs)
     if not paths:
         p.error("no images found in the given inputs")

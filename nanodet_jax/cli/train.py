@@ -52,6 +52,7 @@ def main(argv: list[str] | None = None) -> dict:
     if not distributed.is_main_process():
         log.setLevel(logging.WARNING)
     config = cli.read_config(args.config, overrides)
+    cli.check_data_config(config)
     workdir = args.workdir or os.path.join("workdir", config.name)
     summary = train_and_evaluate(
         config, workdir, max_steps=args.max_steps, log_samples=args.log_samples,

@@ -15,6 +15,15 @@ float32 [b, M, 4], ``gt_labels`` int32 [b, M] (-1 = padding), ``gt_mask`` bool [
 ``valid_hw`` int32 [b, 2] (the warped image's extent), ``image_id`` int64 [b]. M is the
 smallest of ``max_boxes_buckets`` holding the largest box count of the *global* batch, so
 all processes agree on it.
+
+With ``data.train.resize`` (torchvision's min / max size rule, :mod:`nanodet_jax.data.
+canvas_resize`) each image is resized by that rule (float32 ``images``), the pipeline's
+warp augmentation runs in the resized frame (a pure horizontal flip exactly, as
+torchvision's), and the image goes top-left on its canvas, the smallest of a few that
+holds it. Batches hold one canvas each, grouped as torchvision's aspect-ratio grouping
+does: walking the epoch's permutation, every canvas fills its own batch, and a batch is
+emitted when it is full; partial batches at the epoch's end are dropped, as the last
+partial batch of the ungrouped loader.
 """
 
 from __future__ import annotations
@@ -27,7 +36,7 @@ from typing import Any
 import grain
 import numpy as np
 
-from nanodet_jax.data import augment, transforms
+from nanodet_jax.data import augment, canvas_resize, transforms
 from nanodet_jax.data.coco import ImageReadError, ImageRecord, load_image
 
 log = logging.getLogger("nanodet_jax")
@@ -62,6 +71,7 @@ class TrainLoader:
         prefetch_batches: int = 2,
         process_index: int = 0,
         process_count: int = 1,
+        resize: canvas_resize.CanvasResize | None = None,
     ):
         if global_batch_size % process_count:
             raise ValueError(
@@ -90,33 +100,82 @@ class TrainLoader:
         self.process_index, self.process_count = int(process_index), int(process_count)
         self.canvas_hw = transforms.canvas_hw(self.input_wh)
         self._box_counts = np.array([len(r.boxes) for r in self.records])
+        self.resize = resize
+        self._plans: dict[int, np.ndarray] = {}
+        if resize is not None:
+            self._group_rows(resize)
         self._warned: set[str] = set()
         self._lock = threading.Lock()
 
+    def _group_rows(self, resize: canvas_resize.CanvasResize) -> None:
+        """Each record's canvas (from the annotated image size: no image is read)."""
+        ids = []
+        for r in self.records:
+            if r.width <= 0 or r.height <= 0:
+                raise ValueError(
+                    f"{r.path}: the annotations give no image size, which "
+                    f"{resize.field} needs to group images by canvas"
+                )
+            ids.append(resize.canvases.index(resize.canvas_for(r.width, r.height)))
+        self._canvas_id = np.array(ids)
+        self._members = {c: np.flatnonzero(self._canvas_id == c) for c in set(ids)}
+        if self.steps_per_epoch == 0:
+            counts = {resize.canvases[c]: len(m) for c, m in self._members.items()}
+            raise ValueError(
+                f"no canvas of {resize.field}.canvases gets a full batch of "
+                f"{self.global_batch_size} images (images per canvas: {counts}); lower the "
+                "batch size or use fewer canvases"
+            )
+
     @property
     def steps_per_epoch(self) -> int:
-        return len(self.records) // self.global_batch_size
+        if self.resize is None:
+            return len(self.records) // self.global_batch_size
+        b = self.global_batch_size
+        return int(sum(len(m) // b for m in self._members.values()))
 
     def permutation(self, epoch: int) -> np.ndarray:
         """Epoch ``epoch``'s visiting order of dataset indices."""
         rng = np.random.default_rng([self.seed, epoch, _PERMUTATION])
         return rng.permutation(len(self.records))
 
-    def global_indices(self, epoch: int, step: int, order: np.ndarray | None = None) -> np.ndarray:
+    def batch_plan(self, epoch: int) -> np.ndarray:
+        """Epoch ``epoch``'s global batches ``[steps, global batch]`` of dataset indices."""
+        with self._lock:
+            if epoch in self._plans:
+                return self._plans[epoch]
+        order, b = self.permutation(epoch), self.global_batch_size
+        if self.resize is None:
+            plan = order[: self.steps_per_epoch * b].reshape(-1, b)
+        else:
+            filling: dict[int, list[int]] = {}
+            batches = []
+            for i in order.tolist():
+                group = filling.setdefault(int(self._canvas_id[i]), [])
+                group.append(i)
+                if len(group) == b:
+                    batches.append(group)
+                    filling[int(self._canvas_id[i])] = []
+            plan = np.array(batches, np.int64).reshape(-1, b)
+        with self._lock:  # the epoch being read and the next one prefetched
+            self._plans = {k: v for k, v in self._plans.items() if k >= epoch - 1}
+            self._plans[epoch] = plan
+        return plan
+
+    def global_indices(self, epoch: int, step: int) -> np.ndarray:
         if not 0 <= step < self.steps_per_epoch:
             raise IndexError(f"step {step} not in [0, {self.steps_per_epoch})")
-        order = self.permutation(epoch) if order is None else order
-        return order[step * self.global_batch_size : (step + 1) * self.global_batch_size]
+        return self.batch_plan(epoch)[step]
 
-    def local_indices(self, epoch: int, step: int, order: np.ndarray | None = None) -> np.ndarray:
+    def local_indices(self, epoch: int, step: int) -> np.ndarray:
         """This process's rows of the global batch (dataset indices)."""
-        rows = self.global_indices(epoch, step, order)
+        rows = self.global_indices(epoch, step)
         b = self.local_batch_size
         return rows[self.process_index * b : (self.process_index + 1) * b]
 
-    def num_boxes(self, epoch: int, step: int, order: np.ndarray | None = None) -> int:
+    def num_boxes(self, epoch: int, step: int) -> int:
         """M of a step: from the annotations of the whole global batch (no image read)."""
-        count = int(self._box_counts[self.global_indices(epoch, step, order)].max())
+        count = int(self._box_counts[self.global_indices(epoch, step)].max())
         return box_bucket(count, self.buckets)
 
     # ------------------------------------------------------------------ samples
@@ -138,7 +197,11 @@ class TrainLoader:
             except ImageReadError as e:
                 self._warn_once(f"read:{record.path}", f"skipping unreadable training image {e}")
             rng = np.random.default_rng([self.seed, epoch, index, attempt, _SUBSTITUTE])
-            candidate = int(rng.integers(len(self.records)))
+            if self.resize is None:
+                candidate = int(rng.integers(len(self.records)))
+            else:  # a stand-in of the same canvas, so that the batch keeps one
+                pool = self._members[int(self._canvas_id[index])]
+                candidate = int(pool[rng.integers(len(pool))])
         raise RuntimeError(
             f"{MAX_SUBSTITUTIONS + 1} unreadable images in a row while loading training "
             f"sample {index} (last: {self.records[candidate].path}); check the dataset"
@@ -151,10 +214,15 @@ class TrainLoader:
         rng = np.random.default_rng([self.seed, epoch, index, _SAMPLE])
         params = augment.sample_warp_params(rng, self.pipeline)
         color = augment.sample_color_params(rng, self.pipeline)
-        warped, boxes, _ = augment.shape_transform(
-            img, record.boxes, params, self.input_wh, self.keep_ratio, self.divisible
-        )
-        canvas, valid_hw = transforms.place_on_canvas(warped, self.canvas_hw)
+        if self.resize is None:
+            warped, boxes, _ = augment.shape_transform(
+                img, record.boxes, params, self.input_wh, self.keep_ratio, self.divisible
+            )
+            canvas, valid_hw = transforms.place_on_canvas(warped, self.canvas_hw)
+        else:
+            cw, ch = self.resize.canvases[int(self._canvas_id[index])]
+            warped, boxes = self._resize_and_warp(record, img, params, (cw, ch))
+            canvas, valid_hw = transforms.place_on_canvas(warped, (ch, cw))
         n = len(boxes)
         if n > num_boxes:
             self._warn_once(
@@ -177,6 +245,34 @@ class TrainLoader:
             "image_id": np.int64(record.image_id),
         }
 
+    def _resize_and_warp(
+        self, record: ImageRecord, img: np.ndarray, params: augment.WarpParams,
+        canvas_wh: tuple[int, int],
+    ) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
+        """torchvision's resize, then the warp augmentation in the resized frame."""
+        h, w = img.shape[:2]
+        ow, oh = self.resize.output_wh(w, h)
+        if ow > canvas_wh[0] or oh > canvas_wh[1]:  # the file's size is not the annotated one
+            self._warn_once(
+                f"size:{record.path}",
+                f"{record.path}: image is {w}x{h}, annotations say "
+                f"{record.width}x{record.height}; its resize is cropped to the canvas",
+            )
+            ow, oh = min(ow, canvas_wh[0]), min(oh, canvas_wh[1])
+        resized = self.resize.resize(img)[:oh, :ow]
+        boxes = transforms.warp_boxes(record.boxes, self.resize.matrix(w, h), ow, oh)
+        matrix = augment.warp_matrix(params, (ow, oh), (ow, oh), keep_ratio=True)
+        if np.array_equal(matrix, np.eye(3)):
+            return resized, boxes
+        if np.array_equal(matrix, [[-1, 0, ow], [0, 1, 0], [0, 0, 1]]):
+            # A pure flip, exactly (torchvision's hflip); cv2's warp would sample pixel
+            # x at w - x, one pixel off, with a zero column.
+            return resized[:, ::-1], np.stack(
+                [ow - boxes[:, 2], boxes[:, 1], ow - boxes[:, 0], boxes[:, 3]], 1
+            ).astype(np.float32)
+        warped = transforms.warp_image(resized, matrix, (ow, oh))
+        return warped, transforms.warp_boxes(boxes, matrix, ow, oh)
+
     @staticmethod
     def collate(samples: Sequence[Mapping[str, np.ndarray]]) -> dict[str, np.ndarray]:
         return {k: np.stack([s[k] for s in samples]) for k in samples[0]}
@@ -185,19 +281,17 @@ class TrainLoader:
 
     def batch(self, epoch: int, step: int) -> dict[str, np.ndarray]:
         """This process's batch at (epoch, step), computed synchronously."""
-        order = self.permutation(epoch)
-        m = self.num_boxes(epoch, step, order)
-        idx = self.local_indices(epoch, step, order)
+        m = self.num_boxes(epoch, step)
+        idx = self.local_indices(epoch, step)
         return self.collate([self.load_sample(epoch, int(i), m) for i in idx])
 
     def epoch(self, epoch: int, start_step: int = 0) -> Iterator[dict[str, np.ndarray]]:
         """Batches ``start_step..steps_per_epoch-1`` of ``epoch``, decoded and warped in
         ``num_threads`` background threads (deterministic order)."""
-        order = self.permutation(epoch)
         items = []
         for step in range(start_step, self.steps_per_epoch):
-            m = self.num_boxes(epoch, step, order)
-            items += [(epoch, int(i), m) for i in self.local_indices(epoch, step, order)]
+            m = self.num_boxes(epoch, step)
+            items += [(epoch, int(i), m) for i in self.local_indices(epoch, step)]
         if not items:
             return iter(())
         ds = grain.MapDataset.source(items).map(lambda item: self.load_sample(*item))
@@ -246,4 +340,5 @@ def train_loader_from_config(
         num_threads=int(config.device.workers),
         process_index=process_index,
         process_count=process_count,
+        resize=canvas_resize.from_config(train, "data.train"),
     )

@@ -73,26 +73,31 @@ def predict_dataset(
     progress: bool = True,
 ) -> dict[int, Detections]:
     """Detections for every record, keyed by image id. Batches are padded to ``batch_size``
-    so that one program is compiled."""
+    so that one program is compiled per canvas. With several canvases (``data.val.resize``)
+    a batch holds one canvas: images wait in a queue per canvas, a full queue runs, the
+    partial ones run at the end. (Padding mixed batches to their largest canvas would also
+    compile once per canvas, but run small images on big canvases and make an image's
+    detections depend on its batch neighbours, through the canvas its boxes are clipped to.)"""
     from tqdm import tqdm
 
     results: dict[int, Detections] = {}
     bar = tqdm(total=len(records), desc="eval", unit="img", disable=not progress, leave=False)
-    pending: list[tuple[ImageRecord, PreparedImage]] = []
+    pending: dict[tuple, list[tuple[ImageRecord, PreparedImage]]] = {}
 
-    def flush() -> None:
-        dets = predictor.run_prepared([p for _, p in pending], batch_size)
-        for (record, _), det in zip(pending, dets):
+    def flush(key: tuple) -> None:
+        group = pending.pop(key)
+        dets = predictor.run_prepared([p for _, p in group], batch_size)
+        for (record, _), det in zip(group, dets):
             results[record.image_id] = det
-        bar.update(len(pending))
-        pending.clear()
+        bar.update(len(group))
 
-    for item in prepared_images(predictor, records):
-        pending.append(item)
-        if len(pending) == batch_size:
-            flush()
-    if pending:
-        flush()
+    for record, prepared in prepared_images(predictor, records):
+        key = (prepared.canvas.shape, prepared.canvas.dtype.str)
+        pending.setdefault(key, []).append((record, prepared))
+        if len(pending[key]) == batch_size:
+            flush(key)
+    for key in list(pending):
+        flush(key)
     bar.close()
     return results
 

@@ -4,6 +4,11 @@ and boxes mapped back to the original image.
 Used by ``eval.py`` and ``nanodet_jax.cli.predict``. The jitted function takes uint8
 images (normalisation happens on the device) and returns fixed-size, padded
 detections; only the few kept boxes come back to the host.
+
+With ``data.val.resize`` (torchvision's min / max size rule, :mod:`nanodet_jax.data.
+canvas_resize`) images are float32 and each goes on its own canvas of a few; a batch
+holds one canvas (:func:`nanodet_jax.evaluation.coco_eval.predict_dataset` groups them),
+so one program is compiled per canvas.
 """
 
 from __future__ import annotations
@@ -17,7 +22,7 @@ import jax
 import numpy as np
 from flax import nnx
 
-from nanodet_jax.data import transforms
+from nanodet_jax.data import canvas_resize, transforms
 from nanodet_jax.evaluation import postprocess
 
 log = logging.getLogger("nanodet_jax")
@@ -37,7 +42,7 @@ class Detections:
 
 @dataclasses.dataclass
 class PreparedImage:
-    canvas: np.ndarray  # uint8 [H, W, 3] network-input canvas (zero-padded)
+    canvas: np.ndarray  # uint8 (float32 with a resize rule) [H, W, 3], zero-padded
     matrix: np.ndarray  # 3x3: original pixels -> canvas pixels
     valid_hw: tuple[int, int]  # extent of the warped image inside the canvas
     orig_wh: tuple[int, int]
@@ -59,6 +64,7 @@ class Predictor:
         self.keep_ratio = bool(val.keep_ratio)
         self.mean, self.std = (tuple(v) for v in val.pipeline.normalize)
         self.canvas_hw = transforms.canvas_hw(self.input_wh)
+        self.resize = canvas_resize.from_config(val, "data.val")
         self.num_classes = model.num_classes
         test = config.test
         self.nms_kwargs = dict(
@@ -67,7 +73,7 @@ class Predictor:
             max_num=int(test.max_per_img),
             nms_pre=int(test.nms_pre),
         )
-        self.class_names = list(config.class_names)
+        self.class_names = label_names(config.class_names, getattr(model, "label_map", None))
         self.truncated_images = 0  # images whose NMS hit ``nms_pre`` (see postprocess)
         self._forward = jax.jit(self._forward_impl)
         self._raw = jax.jit(lambda st, x: nnx.merge(self.graphdef, st)(x))
@@ -75,7 +81,8 @@ class Predictor:
     def _forward_impl(self, state, images_u8, valid_hw):
         model = nnx.merge(self.graphdef, state)
         x = transforms.normalize(images_u8, self.mean, self.std, valid_hw)
-        boxes, scores = model.decode(model(x), self.canvas_hw)
+        # The batch's canvas, static under jit: one program per canvas.
+        boxes, scores = model.decode(model(x), images_u8.shape[1:3])
         return postprocess.batched_multiclass_nms(boxes, scores, **self.nms_kwargs)
 
     def raw_outputs(self, images: jax.Array) -> jax.Array:
@@ -83,15 +90,24 @@ class Predictor:
         return self._raw(self.state, images)
 
     def prepare(self, img: np.ndarray) -> PreparedImage:
+        h, w = img.shape[:2]
+        if self.resize is not None:
+            cw, ch = self.resize.canvas_for(w, h)
+            canvas, valid_hw = transforms.place_on_canvas(self.resize.resize(img), (ch, cw))
+            return PreparedImage(canvas, self.resize.matrix(w, h), valid_hw, (w, h))
         warped, matrix, _ = transforms.resize_for_inference(img, self.input_wh, self.keep_ratio)
         canvas, valid_hw = transforms.place_on_canvas(warped, self.canvas_hw)
-        return PreparedImage(canvas, matrix, valid_hw, (img.shape[1], img.shape[0]))
+        return PreparedImage(canvas, matrix, valid_hw, (w, h))
 
     def run_prepared(self, batch: Sequence[PreparedImage], batch_size: int | None = None):
-        """Detections for prepared images; the batch is zero-padded to ``batch_size``."""
+        """Detections for prepared images (all on one canvas); the batch is zero-padded to
+        ``batch_size``."""
         n = len(batch)
         size = batch_size or n
-        canvases = np.zeros((size, *self.canvas_hw, 3), np.uint8)
+        first = batch[0].canvas
+        if any(p.canvas.shape != first.shape or p.canvas.dtype != first.dtype for p in batch):
+            raise ValueError("run_prepared: a batch must share one canvas (shape and dtype)")
+        canvases = np.zeros((size, *first.shape), first.dtype)
         valid = np.zeros((size, 2), np.int32)
         for i, p in enumerate(batch):
             canvases[i] = p.canvas
@@ -110,4 +126,40 @@ class Predictor:
 
     def __call__(self, images: Sequence[np.ndarray]) -> list[Detections]:
         """Detections for BGR uint8 images (as ``cv2.imread`` returns them)."""
-        return self.run_prepared([self.prepare(img) for img in images])
+        prepared = [self.prepare(img) for img in images]
+        out: list[Detections | None] = [None] * len(prepared)
+        for rows in canvas_groups(prepared).values():
+            for i, det in zip(rows, self.run_prepared([prepared[i] for i in rows])):
+                out[i] = det
+        return out
+
+
+def canvas_groups(prepared: Sequence[PreparedImage]) -> dict[tuple, list[int]]:
+    """Indices of the prepared images per canvas (shape, dtype), in first-seen order."""
+    groups: dict[tuple, list[int]] = {}
+    for i, p in enumerate(prepared):
+        groups.setdefault((p.canvas.shape, p.canvas.dtype.str), []).append(i)
+    return groups
+
+
+def label_names(class_names: Sequence[str], label_map: Sequence[int] | None) -> list[str]:
+    """The names of the dataset labels: the config's class list, or for a model whose
+    logits are indexed otherwise (FCOS's COCO model: by category id) the entries its
+    ``label_map`` picks, so that label ``i`` is named ``class_names[label_map[i]]``."""
+    names = list(class_names)
+    if label_map is None:
+        return names
+    if max(label_map, default=-1) >= len(names):
+        raise ValueError(
+            f"label_map points at logit {max(label_map)} but class_names has {len(names)} "
+            "entries (one per logit); fix config.class_names or model.arch.label_map"
+        )
+    return [names[i] for i in label_map]
+
+
+def config_label_names(config: Any) -> list[str] | None:
+    """:func:`label_names` of a config (None when it names no classes)."""
+    names = config.get("class_names")
+    if names is None:
+        return None
+    return label_names(names, config.model.arch.get("label_map"))

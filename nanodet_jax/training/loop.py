@@ -24,7 +24,7 @@ from nanodet_jax.data.coco import CocoDetection, load_image
 from nanodet_jax.data.datasets import build_dataset
 from nanodet_jax.data.pipeline import train_loader_from_config
 from nanodet_jax.evaluation import coco_eval, evaluator_from_config
-from nanodet_jax.evaluation.predictor import Predictor
+from nanodet_jax.evaluation.predictor import Predictor, canvas_groups, config_label_names
 from nanodet_jax.models import build_model
 from nanodet_jax.models.backbones.pretrained import load_pretrained_for_training
 from nanodet_jax.models.detectors.base import Detector
@@ -91,10 +91,11 @@ def recalibrate_bn(model: Detector, config: Any, dataset: CocoDetection, num_ima
     records = dataset.records[:num_images]
     batches = []
     for i in range(0, len(records), 16):
-        canvases = np.stack([
-            predictor.prepare(load_image(r)).canvas for r in records[i : i + 16]
-        ])  # fmt: skip
-        batches.append(transforms.normalize(jnp.asarray(canvases), mean, std))
+        prepared = [predictor.prepare(load_image(r)) for r in records[i : i + 16]]
+        # One batch per canvas (several with data.val.resize).
+        for rows in canvas_groups(prepared).values():
+            canvases = np.stack([prepared[j].canvas for j in rows])
+            batches.append(transforms.normalize(jnp.asarray(canvases), mean, std))
     recalibrate_batchnorm(model, batches)
 
 
@@ -133,8 +134,9 @@ def train_and_evaluate(
 
     if config.data.get("synthetic") and not os.path.isfile(config.data.train.ann_file):
         make_synthetic_data(config.data.synthetic)
-    train_set = build_dataset(config.data.train, config.get("class_names"), role="train")
-    val_set = build_dataset(config.data.val, config.get("class_names"), role="val")
+    names = config_label_names(config)  # the dataset labels' names (FCOS: via label_map)
+    train_set = build_dataset(config.data.train, names, role="train")
+    val_set = build_dataset(config.data.val, names, role="val")
     mesh = distributed.data_mesh()
     global_batch = int(config.device.batch_size_per_device) * jax.device_count()
     loader = train_loader_from_config(

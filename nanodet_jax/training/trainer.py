@@ -23,7 +23,7 @@ import optax
 from flax import nnx, struct
 from jax.sharding import Mesh
 
-from nanodet_jax.data import transforms
+from nanodet_jax.data import canvas_resize, transforms
 from nanodet_jax.data.augment import color_augment_and_normalize
 from nanodet_jax.training import distributed
 from nanodet_jax.training.ema import WEIGHT_AVERAGERS
@@ -89,7 +89,11 @@ def make_train_step(
 ) -> Callable[[TrainState, Batch], tuple[TrainState, dict[str, jax.Array]]]:
     """The (un-jitted) train step of one training ``phase``; ``lr_fn`` only feeds the metrics."""
     train = config.data.train
-    canvas_hw = transforms.canvas_hw(train.input_size)
+    resize = canvas_resize.from_config(train, "data.train")
+    # The batch shapes the loader makes: one per canvas (each compiles its own step).
+    canvases = (
+        {(h, w) for w, h in resize.canvases} if resize else {transforms.canvas_hw(train.input_size)}
+    )
     mean, std = (tuple(v) for v in train.pipeline.normalize)
     averager_cfg = config.model.weight_averager
     average = WEIGHT_AVERAGERS.get(averager_cfg.get("name", "ExpMovingAverager"))
@@ -100,8 +104,8 @@ def make_train_step(
         images = color_augment_and_normalize(
             batch["images"], batch["color"], mean, std, batch.get("valid_hw")
         )
-        if images.shape[1:3] != canvas_hw:
-            raise ValueError(f"batch images {images.shape[1:3]} != configured {canvas_hw}")
+        if images.shape[1:3] not in canvases:
+            raise ValueError(f"batch images {images.shape[1:3]} not in configured {canvases}")
         targets = {k: batch[k] for k in ("gt_boxes", "gt_labels", "gt_mask")}
 
         def loss_fn(params):

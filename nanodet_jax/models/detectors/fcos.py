@@ -16,7 +16,10 @@ The protocol's members:
   ``topk_candidates`` best (pair) scores above ``score_thresh`` of each level kept (the
   others are zeroed, so the shared NMS never sees them), ``BoxLinearCoder(normalize_by_size
   =True)`` with the level's anchor size, boxes clipped to ``input_hw``. torchvision clips
-  to each image's size before batch padding; here the canvas is the bound.
+  to each image's size before batch padding; here the canvas is the bound. With a
+  ``label_map`` the scores returned are its columns, in dataset-label order (after the
+  top-k, which ranks all logits as torchvision does), so detections carry dataset labels
+  and a logit no label maps to ("__background__", "N/A") never becomes one.
 * ``loss(images, targets, "train")`` (one phase) is ``FCOS.compute_loss`` on the padded
   batch: the matching of ``assigners/fcos.py`` on the same anchors as ``decode``, the
   terms ``classification``, ``bbox_regression``, ``bbox_ctrness`` of ``losses/fcos.py``
@@ -203,7 +206,8 @@ class FCOS(Detector):
     def decode(
         self, raw: dict[str, jax.Array], input_hw: tuple[int, int]
     ) -> tuple[jax.Array, jax.Array]:
-        """Boxes ``[B, N, 4]`` and scores ``[B, N, C]`` (zero outside each level's top-k)."""
+        """Boxes ``[B, N, 4]`` and scores ``[B, N, C]`` (zero outside each level's top-k);
+        C is the number of dataset labels (``num_label_classes``)."""
         input_hw = (int(input_hw[0]), int(input_hw[1]))
         levels = level_points(input_hw, self.anchor_sizes)
         total = sum(len(p) for p, _ in levels)
@@ -224,7 +228,10 @@ class FCOS(Detector):
         boxes = jnp.concatenate(boxes, 1)
         h, w = input_hw
         bound = jnp.asarray([w, h, w, h], jnp.float32)
-        return jnp.clip(boxes, 0.0, bound), jnp.concatenate(kept, 1)
+        kept = jnp.concatenate(kept, 1)
+        if self.label_map is not None:
+            kept = kept[..., np.asarray(self.label_map)]
+        return jnp.clip(boxes, 0.0, bound), kept
 
 
 def anchors(
