@@ -30,6 +30,8 @@ from __future__ import annotations
 
 import argparse
 import os
+from collections.abc import Sequence
+from typing import Any
 
 import jax
 import numpy as np
@@ -57,7 +59,7 @@ WEIGHT_SEED, NUM_BOXES, SLOTS = 5, 8, 16
 LR, MOMENTUM, WEIGHT_DECAY = 0.01, 0.9, 1e-4
 
 
-def torchvision_fcos(tv, train: bool):
+def torchvision_fcos(tv: Any, train: bool) -> Any:
     """torchvision's FCOS in the layout of the config (pretrained: FrozenBN, 3 trainable)."""
     from torchvision.models.detection.backbone_utils import _resnet_fpn_extractor
     from torchvision.ops.feature_pyramid_network import LastLevelP6P7
@@ -68,7 +70,7 @@ def torchvision_fcos(tv, train: bool):
     return tv.models.detection.FCOS(backbone, 91).train(train)
 
 
-def shared_models(tv, train: bool):
+def shared_models(tv: Any, train: bool) -> tuple[Any, Any, Any]:
     """(ours, torchvision, config) holding the same random weights."""
     import torch
 
@@ -82,7 +84,7 @@ def shared_models(tv, train: bool):
     return ours, theirs, config
 
 
-def error(a, ref) -> str:
+def error(a: Any, ref: Any) -> str:
     a, ref = np.asarray(a, np.float64), np.asarray(ref, np.float64)
     err = np.abs(a - ref).max()
     return f"{err:.2e} ({err / max(np.abs(ref).max(), 1e-30):.1e} rel)"
@@ -95,7 +97,7 @@ def inputs(batch: int, size: int) -> tuple[np.ndarray, np.ndarray]:
     return nchw, np.ascontiguousarray(nchw.transpose(0, 2, 3, 1)[..., ::-1])
 
 
-def forward_rows(tv, batches: list[int], sizes: list[int], repeats: int) -> list[dict]:
+def forward_rows(tv: Any, batches: list[int], sizes: list[int], repeats: int) -> list[dict]:
     import torch
 
     ours, theirs, _ = shared_models(tv, train=False)
@@ -124,7 +126,7 @@ def forward_rows(tv, batches: list[int], sizes: list[int], repeats: int) -> list
     return results
 
 
-def random_targets(batch: int, size: int, label_map) -> tuple[dict, list]:
+def random_targets(batch: int, size: int, label_map: Sequence[int]) -> tuple[dict, list]:
     """(ours: padded gts with dataset labels, torchvision: per-image dicts with logit ids)."""
     rng = np.random.default_rng(7)
     xy = rng.uniform(0, size * 0.6, (batch, NUM_BOXES, 2))
@@ -143,8 +145,9 @@ def random_targets(batch: int, size: int, label_map) -> tuple[dict, list]:
     return ours, theirs
 
 
-def our_step(model):
-    """(jitted step, params, opt_state, rest): SGD as torch.optim.SGD(weight_decay=...)."""
+def our_step(model: nnx.Module) -> tuple[Any, ...]:
+    """(jitted step, params, opt_state, graphdef, rest); the update is torch.optim.SGD's with
+    weight_decay (decay added to the gradient before momentum)."""
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     tx = optax.chain(optax.add_decayed_weights(WEIGHT_DECAY), optax.sgd(LR, momentum=MOMENTUM))
 
@@ -159,7 +162,7 @@ def our_step(model):
     return jax.jit(step, donate_argnums=(0, 1)), params, tx.init(params), graphdef, rest
 
 
-def train_rows(tv, batch: int, size: int, repeats: int) -> list[dict]:
+def train_rows(tv: Any, batch: int, size: int, repeats: int) -> list[dict]:
     import torch
     from torchvision.models.detection.image_list import ImageList
 

@@ -25,6 +25,7 @@ from __future__ import annotations
 import os
 import tempfile
 import time
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -50,7 +51,7 @@ def nanodet_yml(config_path: str, nanodet: str) -> str | None:
     return os.path.join(nanodet, "config", ymls[0]) if ymls else None
 
 
-def our_forward(model: Any, hw: tuple[int, int], batch: int):
+def our_forward(model: Any, hw: tuple[int, int], batch: int) -> Callable[[], Any]:
     """A blocking call of the jitted inference model on a random normalised batch."""
     import jax
     from flax import nnx
@@ -70,7 +71,9 @@ def time_onnx(model: Any, config: Any, repeats: int) -> float:
         return onnxruntime_latency(path, repeats)
 
 
-def torch_forward(model: Any, hw: tuple[int, int], batch: int, threads: int | None = None):
+def torch_forward(
+    model: Any, hw: tuple[int, int], batch: int, threads: int | None = None
+) -> Callable[[], None]:
     """A call of NanoDet's eager model under ``no_grad``, at ``threads`` intra-op threads
     (None: torch's default) and back to the default after."""
     import torch

@@ -17,7 +17,8 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import jax
 import numpy as np
@@ -57,7 +58,7 @@ def environment(variant: str) -> Iterator[None]:
             os.environ[name] = old
 
 
-def jitted_part(module: nnx.Module, variant: str, example):
+def jitted_part(module: nnx.Module, variant: str, example: jax.Array) -> Callable[[], Any]:
     """The part jitted and compiled under ``variant``; a blocking call on ``example``."""
     graphdef, state = nnx.split(module)
     fn = jax.jit(lambda st, x: nnx.merge(graphdef, st)(x))
@@ -66,7 +67,9 @@ def jitted_part(module: nnx.Module, variant: str, example):
     return lambda: jax.block_until_ready(compiled(state, example))
 
 
-def config_rows(ref, path: str, nanodet: str, batch: int, repeats: int, variants) -> list[list]:
+def config_rows(
+    ref: Any, path: str, nanodet: str, batch: int, repeats: int, variants: list[str]
+) -> list[list]:
     import torch
 
     from tools.check_zoo import build_reference, reference_arch
