@@ -3,10 +3,14 @@
     python benchmarks/infer.py --nanodet /path/to/nanodet [--repeats 20] [--json out.json]
     python benchmarks/infer.py --zoo [--only SUBSTRING] --nanodet /path/to/nanodet
     python benchmarks/infer.py --configs configs/a.py,configs/b.py [--nanodet ...]
+    python benchmarks/infer.py --fcos [options of benchmarks/fcos.py]
+
+``--fcos``: FCOS-R50-FPN against torchvision (forward and training step, ``fcos.py``).
 
 ``--zoo`` (every config paired with a NanoDet .yml) or ``--configs`` switch to one row
-per config at its own input size, batch 1: ours, our ONNX export in onnxruntime and
-NanoDet's eager model (see ``benchmarks/zoo.py``). Without them:
+per config at its own input size: batch 1 of ours, our ONNX export in onnxruntime
+(``--no-onnx``: skipped) and NanoDet's eager model, and batch 16 of ours and NanoDet's
+(``--repeats16``; 0 skips it); see ``benchmarks/zoo.py``. Without them:
 
 Rows per input size:
 * ``forward``: the model on normalised float32 NHWC input (raw head output), jitted;
@@ -25,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 import tempfile
 from typing import Any
 
@@ -35,6 +40,8 @@ from common import (
     machine_summary,
     markdown_table,
     median_seconds,
+    single_thread,
+    thread_summary,
     write_json,
 )
 from flax import nnx
@@ -102,18 +109,26 @@ def run_configs(paths: list[str], ref: Any, args: argparse.Namespace) -> None:
     """The per-config table (batch-1 latency), printed row by row as it is measured."""
     results = []
     for path in paths:
-        results.append(time_config(path, ref, args.nanodet, args.repeats))
+        results.append(
+            time_config(path, ref, args.nanodet, args.repeats, args.repeats16, not args.no_onnx)
+        )
         r = results[-1]
         notes = "; ".join(f"{k}: {v}" for k, v in r["errors"].items())
         cells = " | ".join(table_rows([r])[0])
         print(f"| {cells} | ({r['wall']:.0f} s) {notes}", flush=True)
-    print(f"\nbatch 1, median of {args.repeats}; speed-up = faster torch eager ms / ms\n")
+    print(f"\nbatch 1: median of {args.repeats}, speed-up = faster torch eager ms / ms; "
+          f"batch 16: median of {args.repeats16}, speed-up = ours img/s / torch's\n")  # fmt: skip
     print(markdown_table(TABLE_HEADER, table_rows(results)))
     write_json(args.json, {"machine": machine_summary(), "repeats": args.repeats,
-                           "configs": results})  # fmt: skip
+                           "repeats16": args.repeats16, "configs": results})  # fmt: skip
 
 
 def main() -> None:
+    if "--fcos" in sys.argv[1:]:
+        import fcos
+
+        fcos.main([a for a in sys.argv[1:] if a != "--fcos"])
+        return
     runtime.configure_xla()  # the entry points' XLA settings, before any computation
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--nanodet", help="path of a RangiLyu/nanodet checkout (torch rows)")
@@ -123,7 +138,12 @@ def main() -> None:
     p.add_argument("--zoo", action="store_true", help="every config of NanoDet's zoo")
     p.add_argument("--configs", default="", help="comma-separated config paths")
     p.add_argument("--only", default="", help="with --zoo/--configs: paths containing this")
+    p.add_argument("--repeats16", type=int, default=3, help="with --zoo/--configs: batch 16")
+    p.add_argument("--no-onnx", action="store_true", help="with --zoo/--configs: no ORT")
+    p.add_argument("--threads1", action="store_true", help="one thread each (common.py)")
     args = p.parse_args()
+    if args.threads1:
+        single_thread()
     if args.nanodet and (args.zoo or args.configs):
         # timm (NanoDet's ConvNeXt wrapper) imports torchvision, which must come in before
         # the reference loader puts its stand-ins for NanoDet's optional imports in place.
@@ -137,8 +157,8 @@ def main() -> None:
     if ref is not None:
         import torch
 
-        print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
-    print(machine_summary())
+        print(f"torch {torch.__version__}")
+    print(f"{machine_summary()}; {thread_summary()}")
     if args.zoo or args.configs:
         paths = zoo_configs() if args.zoo else [c for c in args.configs.split(",") if c]
         run_configs([c for c in paths if args.only in c], ref, args)

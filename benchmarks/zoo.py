@@ -1,4 +1,4 @@
-"""Batch-1 latency of configs of the zoo, three implementations in the same run (``infer.py``).
+"""Batch-1 latency and batch-16 throughput of the zoo's configs, in the same run (``infer.py``).
 
 For each config, at its own input (the val ``input_size`` rounded up to 32, the canvas
 of ``Predictor`` and the ONNX export):
@@ -10,10 +10,14 @@ of ``Predictor`` and the ONNX export):
   ``tools/record_nanodet_yml.CONFIGS``), eval mode, ``torch.no_grad()``, NCHW, with torch's
   default intra-op threads and with one: on a loaded machine (more runnable jobs than
   cores) torch's OpenMP threads wait on each other at every operator and the default can
-  be several times slower than one thread, so the speed-ups are taken against the faster.
+  be several times slower than one thread, so the speed-ups are taken against the faster;
+* batch 16 (``repeats16`` > 0): images/s of ours and of NanoDet's eager model with torch's
+  default threads (one per core, as XLA's CPU pool uses), speed-up = ours / torch.
 
 Weights are random (speed does not depend on them); each figure is the median of
-``repeats`` after two warm-up calls (the first of ours also compiles).
+``repeats`` (batch 16: ``repeats16``) after warm-up calls (the first of ours also
+compiles); ours and torch take turns within every repeat (``interleaved_medians``), so
+the load of a shared machine hits both alike.
 """
 
 from __future__ import annotations
@@ -21,12 +25,14 @@ from __future__ import annotations
 import os
 import tempfile
 import time
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
-from common import REPO, median_seconds
+from common import REPO, interleaved_medians
 
 IMPLEMENTATIONS = ("ours", "onnxruntime", "torch eager", "torch eager 1 thread")
+BATCH16 = ("ours b16", "torch eager b16")
 
 
 def zoo_configs() -> list[str]:
@@ -45,14 +51,15 @@ def nanodet_yml(config_path: str, nanodet: str) -> str | None:
     return os.path.join(nanodet, "config", ymls[0]) if ymls else None
 
 
-def time_ours(model: Any, hw: tuple[int, int], repeats: int) -> float:
+def our_forward(model: Any, hw: tuple[int, int], batch: int) -> Callable[[], Any]:
+    """A blocking call of the jitted inference model on a random normalised batch."""
     import jax
     from flax import nnx
 
     graphdef, state = nnx.split(model)
     forward = jax.jit(lambda st, x: nnx.merge(graphdef, st)(x))
-    x = jax.device_put(np.random.default_rng(0).normal(size=(1, *hw, 3)).astype("f4"))
-    return median_seconds(lambda: forward(state, x).block_until_ready(), repeats)
+    x = jax.device_put(np.random.default_rng(0).normal(size=(batch, *hw, 3)).astype("f4"))
+    return lambda: forward(state, x).block_until_ready()
 
 
 def time_onnx(model: Any, config: Any, repeats: int) -> float:
@@ -64,26 +71,30 @@ def time_onnx(model: Any, config: Any, repeats: int) -> float:
         return onnxruntime_latency(path, repeats)
 
 
-def time_torch(ref: Any, yml: str, hw: tuple[int, int], repeats: int) -> dict[str, float]:
+def torch_forward(
+    model: Any, hw: tuple[int, int], batch: int, threads: int | None = None
+) -> Callable[[], None]:
+    """A call of NanoDet's eager model under ``no_grad``, at ``threads`` intra-op threads
+    (None: torch's default) and back to the default after."""
     import torch
 
-    from tools.check_zoo import build_reference, reference_arch
+    x = torch.from_numpy(np.random.default_rng(0).normal(size=(batch, 3, *hw)).astype("f4"))
+    default = torch.get_num_threads()
 
-    model = build_reference(ref, reference_arch(ref, yml))  # eval mode, no ImageNet download
-    x = torch.from_numpy(np.random.default_rng(0).normal(size=(1, 3, *hw)).astype("f4"))
-    threads = torch.get_num_threads()
-    out = {}
-    try:
-        with torch.no_grad():
-            out["torch eager"] = median_seconds(lambda: model(x), repeats)
-            torch.set_num_threads(1)
-            out["torch eager 1 thread"] = median_seconds(lambda: model(x), repeats)
-    finally:
-        torch.set_num_threads(threads)
-    return out
+    def run():
+        torch.set_num_threads(threads or default)
+        try:
+            with torch.no_grad():
+                model(x)
+        finally:
+            torch.set_num_threads(default)
+
+    return run
 
 
-def time_config(path: str, ref: Any, nanodet: str | None, repeats: int) -> dict[str, Any]:
+def time_config(
+    path: str, ref: Any, nanodet: str | None, repeats: int, repeats16: int = 0, onnx: bool = True
+) -> dict[str, Any]:
     """Seconds per implementation (absent: not measured) and what went wrong, for one config."""
     from nanodet_jax.config.loading import load_config
     from nanodet_jax.deploy.onnx_export import onnx_input_hw
@@ -94,31 +105,49 @@ def time_config(path: str, ref: Any, nanodet: str | None, repeats: int) -> dict[
     hw = onnx_input_hw(config)
     model = build_model(config, with_aux=False)
     result: dict[str, Any] = {"config": path, "input": f"{hw[0]}x{hw[1]}", "errors": {}}
-    seconds = result["seconds"] = {"ours": time_ours(model, hw, repeats)}
-    try:
-        seconds["onnxruntime"] = time_onnx(model, config, repeats)
-    except (ImportError, NotImplementedError) as e:  # no onnx installed, or no emitter
-        result["errors"]["onnxruntime"] = str(e).splitlines()[0]
     yml = nanodet_yml(path, nanodet) if nanodet else None
+    theirs = None
     if ref is not None and yml is not None:
-        seconds |= time_torch(ref, yml, hw, repeats)
+        from tools.check_zoo import build_reference, reference_arch
+
+        theirs = build_reference(ref, reference_arch(ref, yml))  # eval, no ImageNet download
     elif ref is not None:
         result["errors"]["torch eager"] = "no NanoDet .yml pairs this config"
+    fns = {"ours": our_forward(model, hw, 1)}
+    if theirs is not None:
+        fns["torch eager"] = torch_forward(theirs, hw, 1)
+        import torch
+
+        if torch.get_num_threads() > 1:  # else the same as the row above
+            fns["torch eager 1 thread"] = torch_forward(theirs, hw, 1, threads=1)
+    seconds = result["seconds"] = interleaved_medians(fns, repeats, warmup=2)
+    if repeats16:
+        fns = {"ours b16": our_forward(model, hw, 16)}
+        if theirs is not None:
+            fns["torch eager b16"] = torch_forward(theirs, hw, 16)
+        seconds |= interleaved_medians(fns, repeats16, warmup=1)
+    if onnx:
+        try:
+            seconds["onnxruntime"] = time_onnx(model, config, repeats)
+        except (ImportError, NotImplementedError) as e:  # no onnx installed, or no emitter
+            result["errors"]["onnxruntime"] = str(e).splitlines()[0]
     result["wall"] = time.perf_counter() - start
     return result
 
 
 def table_rows(results: list[dict[str, Any]]) -> list[list[str]]:
-    """One row per config: ms per implementation, then NanoDet's faster eager time (default
-    threads or one) / each of ours."""
+    """One row per config: batch 1, ms per implementation, then NanoDet's faster eager time
+    (default threads or one) / each of ours; batch 16, images/s and ours / torch."""
     rows = []
     for r in results:
         s = r["seconds"]
         ms = [f"{s[k] * 1e3:.1f}" if k in s else "-" for k in IMPLEMENTATIONS]
         base = min((s[k] for k in IMPLEMENTATIONS[2:] if k in s), default=None)
         ratios = [f"{base / s[k]:.2f}x" if base and k in s else "-" for k in IMPLEMENTATIONS[:2]]
+        rates = [f"{16 / s[k]:.1f}" if k in s else "-" for k in BATCH16]
+        ratio16 = f"{s[BATCH16[1]] / s[BATCH16[0]]:.2f}x" if all(k in s for k in BATCH16) else "-"
         name = os.path.relpath(os.path.abspath(r["config"]), os.path.join(REPO, "configs"))
-        rows.append([name, r["input"], *ms, *ratios])
+        rows.append([name, r["input"], *ms, *ratios, *rates, ratio16])
     return rows
 
 
@@ -131,4 +160,7 @@ TABLE_HEADER = [
     "torch 1 thread ms",
     "speed-up ours",
     "speed-up onnxruntime",
+    "ours b16 img/s",
+    "torch b16 img/s",
+    "speed-up ours b16",
 ]
