@@ -153,7 +153,8 @@ def fcos_setup(size: int):
         names = make_golden_fcos_loss.trainable(tm)
     else:
         arch = load_config(os.path.join(REPO, "configs", "fcos_quickstart.py")).model.arch
-        arch = arch.to_dict()
+        # torchvision gets the same array: no BGR -> RGB reversal in ours either.
+        arch = arch.to_dict() | {"input_channel_order": "RGB"}
         classes = int(arch["head"]["num_classes"])
         shape, seed = (3, 3, size, size), make_golden_fcos_loss.INPUT[1]
         tm = make_golden_fcos.small_fcos(
