@@ -54,9 +54,9 @@ DETECTORS = ("gfl", "nanodet_dw", "fcos")
 
 def our_gradients(arch: dict, weights: dict, x: np.ndarray, targets: dict, dtype, masks=None):
     """Our gradients of every trainable parameter (PyTorch names and layout) of one
-    ``loss(images, targets, "train")`` step, and the kink sides the run took. ``dtype``
-    float64 (under ``jax.enable_x64``) casts parameters, buffers and input; ``masks`` (a
-    previous call's sides) forces every ReLU/LeakyReLU onto them."""
+    ``loss(images, targets, "train")`` step, the kink sides the run took and the loss
+    terms. ``dtype`` float64 (under ``jax.enable_x64``) casts parameters, buffers and input;
+    ``masks`` (a previous call's sides) forces every ReLU/LeakyReLU onto them."""
     import jax
     import jax.numpy as jnp
     import ml_collections
@@ -79,27 +79,31 @@ def our_gradients(arch: dict, weights: dict, x: np.ndarray, targets: dict, dtype
     def grads_of(params, rest, masks):
         def total(params):
             kinks.start(masks)
-            loss, _ = nnx.merge(graphdef, params, rest, copy=True).loss(images, targets, "train")
-            return loss, kinks.record
+            loss, terms = nnx.merge(graphdef, params, rest, copy=True).loss(
+                images, targets, "train"
+            )
+            return loss, (kinks.record, terms)
 
-        grads, record = jax.grad(total, has_aux=True)(params)
+        grads, (record, terms) = jax.grad(total, has_aux=True)(params)
         named = model_variables(nnx.merge(graphdef, grads, rest, copy=True))
-        return {k: v[...] for k, v in named.items() if isinstance(v, nnx.Param)}, record
+        return {k: v[...] for k, v in named.items() if isinstance(v, nnx.Param)}, record, terms
 
     with kinks.patched():
-        grads, sides = jax.device_get(grads_of(params, rest, masks))
-    return {k: to_torch_layout(np.asarray(v, np.float64)) for k, v in grads.items()}, sides
+        grads, sides, terms = jax.device_get(grads_of(params, rest, masks))
+    grads = {k: to_torch_layout(np.asarray(v, np.float64)) for k, v in grads.items()}
+    return grads, sides, {k: float(v) for k, v in terms.items()}
 
 
 def torch_runs(step, tm) -> dict[str, dict]:
-    """``f32``, ``f64`` and ``f64_aligned`` gradients of ``step(model, float64: bool)``."""
+    """``f32``, ``f64`` and ``f64_aligned`` gradients of ``step(model, float64: bool) ->
+    (loss terms, gradients)``, and the float32 run's ``terms``."""
     tm64 = copy.deepcopy(tm).double()
     with torch_kinks(tm) as masks:
-        f32 = step(tm, False)
-    f64 = step(tm64, True)
+        terms, f32 = step(tm, False)
+    f64 = step(tm64, True)[1]
     with torch_kinks(tm64, dict(masks)):
-        aligned = step(tm64, True)
-    return {"f32": f32, "f64": f64, "f64_aligned": aligned}
+        aligned = step(tm64, True)[1]
+    return {"f32": f32, "f64": f64, "f64_aligned": aligned, "terms": terms}
 
 
 def legacy_setup(ref, name: str, config: str | None, size: int):
@@ -128,7 +132,8 @@ def legacy_setup(ref, name: str, config: str | None, size: int):
     names = tuple(k for k, _ in tm.named_parameters())
 
     def step(model, _float64):
-        return legacy.train_step(model, x, gts, names)[2]
+        _, losses, grads = legacy.train_step(model, x, gts, names)
+        return losses, grads
 
     return arch, weights, x, padded, torch_runs(step, tm)
 
@@ -173,7 +178,8 @@ def fcos_setup(size: int):
 
     def step(model, float64):
         xt = torch.from_numpy(x).double() if float64 else torch.from_numpy(x)
-        return make_golden_fcos_loss.train_step(model, xt, padded, matched, names)[3]
+        terms, _, _, grads = make_golden_fcos_loss.train_step(model, xt, padded, matched, names)
+        return terms, grads
 
     return arch, weights, x, padded, torch_runs(step, tm)
 
@@ -203,14 +209,17 @@ def main(argv: list[str] | None = None) -> None:
         size = 64 if args.size is None else args.size
         ref = load_reference(args.ref_path)
         arch, weights, x, targets, runs = legacy_setup(ref, args.detector, args.config, size)
-    ours, sides = our_gradients(arch, weights, x, targets, np.float32)
+    ours, sides, terms = our_gradients(arch, weights, x, targets, np.float32)
     runs["f32"] = {k: runs["f32"][k] for k in ours}  # ours: the trainable ones
     print(f"{args.detector} {args.config or ''} input {tuple(x.shape)}, {len(ours)} parameters")
+    # The same function first: float32 loss terms of both (they differ if the matching does).
+    print("loss terms: ours", {k: f"{v:.6g}" for k, v in terms.items()})
+    print("  reference", {k: f"{v:.6g}" for k, v in runs["terms"].items()})
     rows, zero = gradient_rows(ours, runs["f32"], {k: runs["f64"][k] for k in ours}, args.floor)
     missing = print_rows("against the reference's float64", rows, zero, args.floor, args.top)
     if not args.literal_only:
         with jax.enable_x64(True):
-            ours64, _ = our_gradients(arch, weights, x, targets, np.float64, masks=sides)
+            ours64 = our_gradients(arch, weights, x, targets, np.float64, masks=sides)[0]
         aligned = {k: runs["f64_aligned"][k] for k in ours}
         rows, zero = gradient_rows(ours, runs["f32"], aligned, args.floor, ours64)
         missing = print_rows("kink-aligned", rows, zero, args.floor, args.top)
