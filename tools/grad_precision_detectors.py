@@ -52,7 +52,9 @@ from tools.kinks import JaxKinks, torch_kinks  # noqa: E402
 DETECTORS = ("gfl", "nanodet_dw", "fcos")
 
 
-def our_gradients(arch: dict, weights: dict, x: np.ndarray, targets: dict, dtype, masks=None):
+def our_gradients(
+    arch: dict, weights: dict, x: np.ndarray, targets: dict, dtype: type, masks: list | None = None
+) -> tuple[dict, list, dict]:
     """Our gradients of every trainable parameter (PyTorch names and layout) of one
     ``loss(images, targets, "train")`` step, the kink sides the run took and the loss
     terms. ``dtype`` float64 (under ``jax.enable_x64``) casts parameters, buffers and input;
@@ -106,7 +108,7 @@ def torch_runs(step, tm) -> dict[str, dict]:
     return {"f32": f32, "f64": f64, "f64_aligned": aligned, "terms": terms}
 
 
-def legacy_setup(ref, name: str, config: str | None, size: int):
+def legacy_setup(ref, name: str, config: str | None, size: int) -> tuple:
     """(our arch, weights, NCHW input, padded targets, torch step) of a legacy variant."""
     import torch
 
@@ -138,7 +140,7 @@ def legacy_setup(ref, name: str, config: str | None, size: int):
     return arch, weights, x, padded, torch_runs(step, tm)
 
 
-def fcos_setup(size: int):
+def fcos_setup(size: int) -> tuple:
     """(our arch, weights, NCHW input, padded targets, torch runs) of FCOS."""
     import torch
 
