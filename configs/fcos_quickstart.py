@@ -51,8 +51,10 @@ def get_config():
     c.schedule = {
         "optimizer": {"name": "SGD", "lr": 0.01, "momentum": 0.9, "weight_decay": 0.0001},
         "warmup": {"name": "linear", "steps": 20, "ratio": 0.001},
-        "total_epochs": 4,
-        "lr_schedule": {"name": "MultiStepLR", "milestones": [3], "gamma": 0.1},
+        # EMA val mAP at epochs 2 / 4 / 6 / 8: 0.030 / 0.062 / 0.111 / 0.133 (one CPU run);
+        # 4 epochs (milestone 3) stopped at 0.081, still rising.
+        "total_epochs": 8,
+        "lr_schedule": {"name": "MultiStepLR", "milestones": [6], "gamma": 0.1},
         "val_intervals": 2,
     }
     c.grad_clip = 0.0

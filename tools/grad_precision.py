@@ -131,33 +131,101 @@ def our_gradients(
     return out, sides
 
 
-def report(ours: dict, torch32: dict, torch64: dict, top: int, ours64: dict | None = None) -> int:
-    """Print the worst parameters per phase; return how many miss the bound.
+def gradient_rows(
+    ours: dict, torch32: dict, torch64: dict, floor: float, ours64: dict | None = None
+) -> tuple[list[tuple[float, float, float, str]], int]:
+    """``(d_ours / bound, d_ours, d_torch, name)`` per parameter, worst first, and how many
+    were left out.
 
-    ``d = rel_error(ours, ours64 or torch64)`` against ``max(2 * rel_error(torch32,
-    torch64), 1e-5)``. Parameters whose float64 gradient is 0 in exact arithmetic (the
-    bias of a train-mode BN followed by a conv and another BN: its norm is < 1e-9 of the
-    largest) have no scale to be relative to and are left out, as in the test.
+    ``d_ours = rel_error(ours, ours64 or torch64)``, ``d_torch = rel_error(torch32,
+    torch64)``, ``bound = max(2 * d_torch, floor)``. Parameters whose float64 gradient is 0
+    in exact arithmetic (the bias of a train-mode BN followed by a conv and another BN, or a
+    parameter the loss never reaches: norm < 1e-9 of the largest) have no scale to be
+    relative to and are left out.
     """
+    largest = max(np.linalg.norm(g) for g in torch64.values())
+    rows, zero = [], 0
+    for k, ref in torch64.items():
+        if np.linalg.norm(ref) < 1e-9 * largest:
+            zero += 1
+            continue
+        d_ours = rel_error(ours[k], (ours64 or torch64)[k])
+        d_torch = rel_error(torch32[k], ref)
+        rows.append((d_ours / max(2 * d_torch, floor), d_ours, d_torch, k))
+    return sorted(rows, reverse=True), zero
+
+
+# A golden's sample of each float64 gradient (golden_gradients): every entry of parameters
+# of at most SAMPLES, else SAMPLES seeded ones, so that a golden of a model of 500
+# parameters stays ~150 KB while its test sees every parameter.
+SAMPLES = 64
+
+
+def sample_indices(i: int, size: int) -> np.ndarray:
+    """The entries of parameter number ``i`` (of ``size`` entries) a golden holds."""
+    if size <= SAMPLES:
+        return np.arange(size)
+    return np.sort(np.random.default_rng(i).choice(size, SAMPLES, replace=False))
+
+
+def golden_gradients(prefix: str, torch32: dict, torch64: dict) -> dict[str, np.ndarray]:
+    """Arrays for a golden from which :func:`sampled_rows` applies the bound without torch:
+    per parameter (``torch64``'s order) PyTorch float32's distance ``d_torch`` (whole
+    tensors), ``max|g64|`` and ``|g64|_2``, and ``g64`` at :func:`sample_indices`
+    (float32: its rounding, 6e-8 relative, is far below any floor)."""
+    names = list(torch64)
+    values = [torch64[k].ravel()[sample_indices(i, torch64[k].size)] for i, k in enumerate(names)]
+    return {
+        f"{prefix}/names": np.array(names),
+        f"{prefix}/d_torch": np.array([rel_error(torch32[k], torch64[k]) for k in names]),
+        f"{prefix}/scale": np.array([np.abs(torch64[k]).max() for k in names]),
+        f"{prefix}/norm": np.array([np.linalg.norm(torch64[k]) for k in names]),
+        f"{prefix}/g64": np.concatenate(values).astype(np.float32),
+    }
+
+
+def sampled_rows(ours: dict, golden: dict, prefix: str, floor: float) -> tuple[list, int]:
+    """:func:`gradient_rows` of ``ours`` (PyTorch names and layout) against a golden's
+    :func:`golden_gradients`: ``d_ours`` is taken on the sampled entries only (a lower
+    bound of the whole tensor's), ``d_torch`` is the whole tensor's."""
+    names, norms = golden[f"{prefix}/names"], golden[f"{prefix}/norm"]
+    rows, zero, start = [], 0, 0
+    for i, k in enumerate(names):
+        k = str(k)
+        idx = sample_indices(i, ours[k].size)
+        ref = golden[f"{prefix}/g64"][start : start + len(idx)].astype(np.float64)
+        start += len(idx)
+        if norms[i] < 1e-9 * norms.max():
+            zero += 1
+            continue
+        got = np.asarray(ours[k], np.float64).ravel()[idx]
+        d_ours = float(np.abs(got - ref).max()) / golden[f"{prefix}/scale"][i]
+        d_torch = float(golden[f"{prefix}/d_torch"][i])
+        rows.append((d_ours / max(2 * d_torch, floor), d_ours, d_torch, k))
+    assert start == len(golden[f"{prefix}/g64"]), "parameter sizes differ from the golden's"
+    return sorted(rows, reverse=True), zero
+
+
+def print_rows(title: str, rows: list, zero: int, floor: float, top: int) -> int:
+    """Print the misses count and the ``top`` worst of :func:`gradient_rows`; return the
+    number of misses."""
+    bad = sum(r[0] > 1 for r in rows)
+    print(f"{title}: {bad} of {len(rows)} parameters beyond max(2 x torch, {floor:g}) "
+          f"({zero} with a float64 gradient of 0 left out)")  # fmt: skip
+    for ratio, d_ours, d_torch, k in rows[:top]:
+        print(f"  {k:60s} ours {d_ours:.2e}  torch f32 {d_torch:.2e}  ratio {ratio:.2f}")
+    return bad
+
+
+def report(ours: dict, torch32: dict, torch64: dict, top: int, ours64: dict | None = None) -> int:
+    """Print the worst parameters per phase (:func:`gradient_rows`, floor 1e-5, as in the
+    test); return how many miss the bound."""
     missing = 0
     for phase in PHASES:
-        largest = max(np.linalg.norm(g) for g in torch64[phase].values())
-        rows, zero = [], 0
-        for k, ref in torch64[phase].items():
-            if np.linalg.norm(ref) < 1e-9 * largest:
-                zero += 1
-                continue
-            d_ours = rel_error(ours[phase][k], (ours64 or torch64)[phase][k])
-            d_torch = rel_error(torch32[phase][k], ref)
-            bound = max(2 * d_torch, 1e-5)
-            rows.append((d_ours / bound, d_ours, d_torch, k))
-        rows.sort(reverse=True)
-        bad = sum(r[0] > 1 for r in rows)
-        missing += bad
-        print(f"{phase}: {bad} of {len(rows)} parameters beyond max(2 x torch, 1e-5) "
-              f"({zero} with a float64 gradient of 0 left out)")  # fmt: skip
-        for ratio, d_ours, d_torch, k in rows[:top]:
-            print(f"  {k:60s} ours {d_ours:.2e}  torch f32 {d_torch:.2e}  ratio {ratio:.2f}")
+        rows, zero = gradient_rows(
+            ours[phase], torch32[phase], torch64[phase], 1e-5, ours64 and ours64[phase]
+        )
+        missing += print_rows(phase, rows, zero, 1e-5, top)
     return missing
 
 

@@ -54,20 +54,22 @@ DET_INPUT = ((2, 3, 128, 128), 74)
 HEAD_KEYS = ("cls_logits", "bbox_regression", "bbox_ctrness")
 
 
-def small_fcos(tv):
+def small_fcos(tv, num_classes: int = NUM_CLASSES, width: int = FPN_CHANNELS, norm_layer=None):
+    """The fixture's FCOS (FrozenBatchNorm2d unless ``norm_layer``, e.g. configs/
+    fcos_quickstart.py's trainable BatchNorm2d for tools/grad_precision_detectors.py)."""
     from torchvision.models.detection.backbone_utils import BackboneWithFPN
     from torchvision.ops.feature_pyramid_network import LastLevelP6P7
     from torchvision.ops.misc import FrozenBatchNorm2d
 
-    body = tv.models.resnet18(weights=None, norm_layer=FrozenBatchNorm2d)
+    body = tv.models.resnet18(weights=None, norm_layer=norm_layer or FrozenBatchNorm2d)
     backbone = BackboneWithFPN(
         body,
         {"layer2": "0", "layer3": "1", "layer4": "2"},
         [128, 256, 512],
-        FPN_CHANNELS,
-        extra_blocks=LastLevelP6P7(FPN_CHANNELS, FPN_CHANNELS),
+        width,
+        extra_blocks=LastLevelP6P7(width, width),
     )
-    return tv.models.detection.FCOS(backbone, NUM_CLASSES)
+    return tv.models.detection.FCOS(backbone, num_classes)
 
 
 def small_weights(shapes: dict) -> dict[str, np.ndarray]:

@@ -22,9 +22,10 @@ area tie (32 x 20 and 20 x 32, the lower index wins) and a float32 tie (areas 10
 
 Recorded: ``gt_boxes`` / ``gt_labels`` / ``gt_mask`` (padded to ``M``), ``matched``
 (``[B, N]``, -1 = background), ``loss/<term>``, ``head/<key>`` (the train-mode head
-outputs), and ``grad/<name>`` of the total loss for ``GRAD_PARAMS``; ``meta`` holds the
-float32 model's relative distance from its float64 copy (same inputs) for every term
-and gradient (``noise``).
+outputs), and under ``grad64`` the float64 gradients of the total loss for every
+trainable parameter (:func:`trainable`) with the float32 model's distance from them
+(``tools/grad_precision.py``'s ``golden_gradients``); ``meta`` holds the float32 model's
+relative distance from its float64 copy (same inputs) for every term (``noise``).
 """
 
 from __future__ import annotations
@@ -41,21 +42,22 @@ if REPO not in sys.path:
     sys.path.insert(0, REPO)
 
 from nanodet_jax.testing import array_digest, normal_input  # noqa: E402
+from tools.grad_precision import golden_gradients  # noqa: E402
 from tools.make_golden_fcos import HEAD_KEYS, loaded_small_fcos, rel_error  # noqa: E402
 from tools.torchvision_cpu import import_torchvision  # noqa: E402
 
 INPUT = ((3, 3, 64, 96), 75)
 TERMS = ("classification", "bbox_regression", "bbox_ctrness")
-GRAD_PARAMS = (
-    "head.classification_head.cls_logits.weight",
-    "head.classification_head.cls_logits.bias",
-    "head.regression_head.bbox_reg.weight",
-    "head.regression_head.bbox_ctrness.weight",
-    "head.regression_head.conv.0.weight",
-    "backbone.fpn.layer_blocks.0.0.weight",
-    "backbone.fpn.extra_blocks.p7.weight",
-    "backbone.body.layer2.0.conv1.weight",
-)
+# trainable_backbone_layers=3: torchvision's extractor trains layer2-4 of the body (its
+# FrozenBatchNorm2d has no parameters); conv1 and layer1 are buffers in ours.
+FROZEN_BODY = ("backbone.body.conv1.", "backbone.body.layer1.")
+
+
+def trainable(model) -> tuple[str, ...]:
+    """The parameters trainable_backbone_layers=3 trains, in state_dict order."""
+    return tuple(k for k, _ in model.named_parameters() if not k.startswith(FROZEN_BODY))
+
+
 # (x1, y1, x2, y2, label) per image.
 BOXES = (
     (
@@ -90,9 +92,10 @@ def padded_targets() -> dict[str, np.ndarray]:
     return {"gt_boxes": boxes, "gt_labels": labels, "gt_mask": mask}
 
 
-def train_step(model, x, padded, matched=None) -> tuple[dict, np.ndarray, dict, dict]:
-    """Loss terms, matched gts, head outputs and gradients of the total (numpy); given
-    ``matched``, the loss uses it instead of the model's own matching (still recorded)."""
+def train_step(model, x, padded, matched=None, names=None) -> tuple[dict, np.ndarray, dict, dict]:
+    """Loss terms, matched gts, head outputs and gradients of the total (numpy) for
+    ``names`` (default :func:`trainable`); given ``matched``, the loss uses it instead of
+    the model's own matching (still recorded)."""
     import torch
     from torchvision.models.detection.image_list import ImageList
 
@@ -123,7 +126,7 @@ def train_step(model, x, padded, matched=None) -> tuple[dict, np.ndarray, dict, 
     sum(losses.values()).backward()
     del model.head.compute_loss
     params = dict(model.named_parameters())
-    grads = {k: params[k].grad.numpy().copy() for k in GRAD_PARAMS}
+    grads = {k: params[k].grad.double().numpy().copy() for k in names or trainable(model)}
     terms = {k: float(v.detach()) for k, v in losses.items()}
     heads = {k: v.detach().numpy() for k, v in head.items()}
     return terms, recorded["matched"], heads, grads
@@ -152,16 +155,14 @@ def main(argv: list[str] | None = None) -> None:
     arrays = dict(padded, matched=matched.astype(np.int32))
     arrays.update({f"head/{k}": heads[k].astype(np.float32) for k in HEAD_KEYS})
     arrays.update({f"loss/{k}": np.float32(v) for k, v in terms.items()})
-    arrays.update({f"grad/{k}": v for k, v in grads.items()})
+    arrays.update(golden_gradients("grad64", grads, grads64))
     noise = {f"loss/{k}": rel_error(terms[k], terms64[k]) for k in TERMS}
-    noise.update({f"grad/{k}": rel_error(grads[k], grads64[k]) for k in GRAD_PARAMS})
     # Every image's positives per level, and which anchors of image 2 the ties decide.
     meta = {
         "format_version": 1,
         "torchvision": tv.__version__,
         "input": {"shape": list(INPUT[0]), "seed": INPUT[1]},
         "input_sha256": array_digest({"input": x}),
-        "grad_params": list(GRAD_PARAMS),
         "noise": noise,
         "positives": [int((m >= 0).sum()) for m in matched],
         "loss64": terms64,

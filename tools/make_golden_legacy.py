@@ -14,8 +14,9 @@ affine and running statistics randomised), on a seeded N(0, 1) batch of 3 x 3 x 
 * ``<v>/train``: the train-mode output (BatchNorm on batch statistics) and, through
   ``forward_train`` and ``head.loss`` on gts (image 0 a few boxes, image 1 none,
   image 2 crowded with an exact duplicate), the per-cell ATSS result
-  (``assigned_gt``, -1 background; ``labels``), ``loss/<term>`` and ``grad/<param>``
-  (PyTorch layout) for a selection of head parameters and two of the backbone (not for
+  (``assigned_gt``, -1 background; ``labels``), ``loss/<term>`` and, under
+  ``<v>/train/grad64``, the float64 gradients of every parameter with PyTorch float32's
+  distance from them (``tools/grad_precision.py``'s ``golden_gradients``; not for
   variants with ``grads: False``).
 
 ``<v>/decoded_boxes`` are GFLHead.get_bboxes' boxes of the eval output before NMS.
@@ -24,7 +25,7 @@ Gradient-checked variants use SiLU where NanoDet lets the config choose (GFLHead
 towers are ReLU by construction): at a kink a pre-activation within rounding of 0 picks
 a slope, which makes float32 gradients noisy. ``meta`` holds, per variant, the float32
 reference's own error against the same model in float64 (``noise``), which the test's
-tolerances scale with.
+output and loss tolerances scale with.
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ if REPO not in sys.path:
     sys.path.insert(0, REPO)
 
 from nanodet_jax.testing import array_digest, normal_input, random_state_dict  # noqa: E402
+from tools.grad_precision import golden_gradients  # noqa: E402
 from tools.make_golden import rel_error  # noqa: E402
 from tools.make_golden_atss import _straddles  # noqa: E402
 from tools.reference import _AttrDict, load_reference  # noqa: E402
@@ -134,7 +136,6 @@ VARIANTS = {
         "grads": False,
     },
 }
-BODY_GRAD_PARAMS = ("backbone.conv1.0.weight", "backbone.stage3.0.branch1.1.weight")
 
 
 def make_ground_truth(cells: np.ndarray, counts: list[int]) -> list[tuple[np.ndarray, np.ndarray]]:
@@ -246,14 +247,6 @@ def decode_like_get_bboxes(ref, head, raw: np.ndarray, input_hw) -> np.ndarray:
     return boxes.numpy().astype(np.float32)
 
 
-def _record_grad(key: str, value) -> bool:
-    """Head parameters whose gradients are recorded: everything of at most 4096 values
-    (norms, biases, scales, 1x1 output convs) and the class tower's first conv (the
-    fixture stays small)."""
-    first = key.endswith(("cls_convs.0.conv.weight", "cls_convs.0.0.conv.weight"))
-    return value.numel() <= 4096 or first or key.endswith("cls_convs.0.0.depthwise.weight")
-
-
 def record_variant(ref, name: str, spec: dict, x: np.ndarray, gts) -> tuple[dict, dict]:
     import torch
 
@@ -271,11 +264,7 @@ def record_variant(ref, name: str, spec: dict, x: np.ndarray, gts) -> tuple[dict
     arrays[f"{name}/eval"] = ev.astype(np.float32)
     arrays[f"{name}/decoded_boxes"] = decode_like_get_bboxes(ref, tm.head, ev, x.shape[2:])
     noise["eval"] = rel_error(ev, ev64)
-    grad_params = BODY_GRAD_PARAMS + tuple(
-        k for k, v in tm.named_parameters() if k.startswith("head.") and _record_grad(k, v)
-    )
-    if not spec.get("grads", True):
-        grad_params = ()
+    grad_params = tuple(k for k, _ in tm.named_parameters()) if spec.get("grads", True) else ()
     rec, losses, grads = train_step(tm, x, gts, grad_params)
     rec64, losses64, grads64 = train_step(tm64, x, gts, grad_params)
     assert np.array_equal(rec["assigned_gt"], rec64["assigned_gt"])
@@ -286,14 +275,12 @@ def record_variant(ref, name: str, spec: dict, x: np.ndarray, gts) -> tuple[dict
     for k, v in losses.items():
         arrays[f"{name}/train/loss/{k}"] = np.float32(v)
         noise[f"loss/{k}"] = abs(v - losses64[k]) / max(abs(losses64[k]), 1e-12)
-    for k, v in grads.items():
-        arrays[f"{name}/train/grad/{k}"] = v.astype(np.float32)
-        noise[f"grad/{k}"] = rel_error(v, grads64[k])
+    if grad_params:
+        arrays.update(golden_gradients(f"{name}/train/grad64", grads, grads64))
     meta = {
         "arch": spec["arch"],
         "weight_seed": spec["weight_seed"],
         "weights_sha256": array_digest(weights),
-        "grad_params": list(grad_params),
         "num_positive": int((rec["assigned_gt"] >= 0).sum()),
         "noise": noise,
     }

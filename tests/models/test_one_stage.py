@@ -5,12 +5,14 @@ an image without gts and a crowded one), without torch:
 
 * eval output and GFLHead.get_bboxes' decoded boxes;
 * one training step: the train-mode output, the ATSS gt and label of every cell, each
-  loss term (on the reference's own output and end to end) and gradients of the total
-  loss (the head's small parameters and output convs, a tower conv, two backbone ones).
+  loss term (on the reference's own output and end to end) and the gradient of the total
+  loss for every parameter.
 
-Tolerances, relative to max|ref|: outputs and loss terms ``max(1e-5, 10 * noise)``,
-gradients ``max(1e-4, 10 * noise)``, where noise is the float32 reference's distance
-from its float64 self (recorded).
+Tolerances, relative to max|ref|: outputs and loss terms ``max(1e-5, 10 * noise)``, where
+noise is the float32 reference's distance from its float64 self (recorded). Gradients as
+NanoDet-Plus's (tests/training/test_grad_precision.py): ``max|g - g64| / max|g64|`` of
+ours in float32 at most ``max(2 x PyTorch float32's, GRAD_FLOOR)``, g64 NanoDet's float64
+gradient (the golden samples every tensor, ``tools/grad_precision.py``).
 """
 
 from __future__ import annotations
@@ -31,11 +33,13 @@ from nanodet_jax.models.detectors.one_stage import one_stage_loss
 from nanodet_jax.testing import array_digest, normal_input, random_state_dict
 from nanodet_jax.weights.pytorch import load_torch_weights, model_variables, to_torch_layout
 from tests.conftest import REPO
+from tools.grad_precision import sampled_rows
 
 GOLDEN = os.path.join(REPO, "tests", "data", "golden_legacy.npz")
 VARIANTS = ("gfl", "nanodet_dw", "nanodet_conv")
 GRAD_VARIANTS = ("gfl", "nanodet_dw")  # the fixture's gradients (each ~100 s to compile)
 TERMS = ("loss_qfl", "loss_bbox", "loss_dfl")
+GRAD_FLOOR = 1e-4
 
 
 @pytest.fixture(scope="module")
@@ -134,11 +138,12 @@ def test_training_step(train_step):
     for term in (*TERMS, "total"):
         rel = _rel(losses[term], arrays[f"{prefix}/loss/{term}"])
         assert rel <= _tol(spec, f"loss/{term}", 1e-5), (name, term, rel)
-    worst = {}
-    for key in spec["grad_params"]:
-        ours = to_torch_layout(np.asarray(grads[key]))
-        worst[key] = _rel(ours, arrays[f"{prefix}/grad/{key}"])
-        assert worst[key] <= _tol(spec, f"grad/{key}", 1e-4), (name, key, worst[key])
+    ours = {k: to_torch_layout(np.asarray(v)) for k, v in grads.items()}
+    rows, _ = sampled_rows(ours, arrays, f"{prefix}/grad64", GRAD_FLOOR)
+    misses = [f"{k}: ours {d:.2e}, PyTorch float32 {t:.2e}" for r, d, t, k in rows if r > 1]
+    # Left out: float64 gradients of 0 (BN biases before a BN, NanoDetHead's unused gfl_reg).
+    assert len(rows) > 0.8 * len(arrays[f"{prefix}/grad64/names"])
+    assert not misses, (name, len(misses), misses[:10])
 
 
 def test_assignment_and_loss_on_reference_output(variant):
