@@ -17,11 +17,13 @@ from typing import Protocol
 import cv2
 import numpy as np
 
+from nanodet_jax.data.image_integrity import truncation_problem
+
 log = logging.getLogger("nanodet_jax")
 
 
 class ImageReadError(OSError):
-    """An image file is missing or cannot be decoded; the message names the file."""
+    """An image file is missing, cut short or cannot be decoded; the message names it."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,9 +50,14 @@ class ImageSource(Protocol):
 
 
 def read_image(path: str) -> np.ndarray:
-    """BGR uint8 HWC image, or :class:`ImageReadError` naming the file and the problem."""
+    """BGR uint8 HWC image, or :class:`ImageReadError` naming the file and the problem
+    (missing, truncated JPEG / PNG, undecodable)."""
     if not os.path.isfile(path):
         raise ImageReadError(f"{path}: image file not found")
+    # Before decoding: cv2 decodes a cut JPEG as a half-grey image without failing.
+    problem = truncation_problem(path)
+    if problem is not None:
+        raise ImageReadError(f"{path}: {problem}")
     img = cv2.imread(path, cv2.IMREAD_COLOR)
     if img is None:
         raise ImageReadError(f"{path}: cannot decode image (corrupt or not an image)")
