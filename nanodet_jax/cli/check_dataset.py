@@ -21,6 +21,7 @@ from nanodet_jax.cli import common as cli
 from nanodet_jax.data.check import check_dataset
 
 
+@cli.entry_point
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--config", required=True, help="config file, e.g. configs/quickstart.py")

@@ -113,6 +113,7 @@ def predict_paths(
     return records
 
 
+@cli.entry_point
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("inputs", nargs="+", help="image files or folders")

@@ -18,11 +18,12 @@ import cv2
 import numpy as np
 
 from nanodet_jax.data.image_integrity import truncation_problem
+from nanodet_jax.errors import UserError
 
 log = logging.getLogger("nanodet_jax")
 
 
-class ImageReadError(OSError):
+class ImageReadError(OSError, UserError):
     """An image file is missing, cut short or cannot be decoded; the message names it."""
 
 

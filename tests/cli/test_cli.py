@@ -364,7 +364,7 @@ def test_tfds_export_two_splits(tmp_path, capsys):
 @pytest.mark.parametrize("entry", ["train", "eval", "export", "convert", "check_dataset"])
 def test_config_mistakes_end_with_one_line(tmp_path, entry, capsys):
     """A typo in an override or an unsupported NanoDet .yml part: ``error: ...`` naming it,
-    exit status 1, no traceback (the entry points' ``cli.read_config``)."""
+    exit status 2, no traceback (the entry points' ``cli.read_config`` and ``entry_point``)."""
     import importlib
 
     main = importlib.import_module(f"nanodet_jax.cli.{entry}").main
@@ -379,4 +379,5 @@ def test_config_mistakes_end_with_one_line(tmp_path, entry, capsys):
         with pytest.raises(SystemExit) as info:
             main(["--config", config[0], *config[1:], *weights])
         assert str(info.value).startswith("error: ") and expected in str(info.value)
+        assert info.value.code == 2
         assert "\n" not in str(info.value)
