@@ -12,6 +12,7 @@ import dataclasses
 import io
 import logging
 import os
+from collections.abc import Sequence
 from typing import Protocol
 
 import cv2
@@ -63,6 +64,12 @@ def read_image(path: str) -> np.ndarray:
     if img is None:
         raise ImageReadError(f"{path}: cannot decode image (corrupt or not an image)")
     return img
+
+
+def missing_image_files(records: Sequence[ImageRecord]) -> list[str]:
+    """Paths of the file-backed records whose image file does not exist (one stat each:
+    cheap enough to run before a model is built)."""
+    return [r.path for r in records if r.source is None and not os.path.isfile(r.path)]
 
 
 def load_image(record: ImageRecord) -> np.ndarray:

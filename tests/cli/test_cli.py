@@ -175,7 +175,7 @@ def test_predict_folder_writes_drawn_images_and_json(ckpt, images, expected, tmp
     predict.main(["--config", CONFIG, *KEEP_RATIO, "--checkpoint", str(ckpt),
                   "--out-dir", str(out), "--score-thr", "0.3", str(images)])  # fmt: skip
     assert f"wrote 3 drawn images and predictions.json to {out}" in capsys.readouterr().out
-    assert sorted(os.listdir(out)) == sorted([*IMAGE_NAMES, "predictions.json"])
+    assert sorted(os.listdir(out)) == sorted([*IMAGE_NAMES, "predictions.json", "skipped.json"])
     records = json.loads((out / "predictions.json").read_text())
     assert [r["file"] for r in records] == [str(images / n) for n in IMAGE_NAMES]
     for name, record in zip(IMAGE_NAMES, records):

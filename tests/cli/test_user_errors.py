@@ -1,18 +1,28 @@
 """A user's mistake through any entry point is one line on stderr and exit status 2
 (``cli.common.entry_point``), with ``--debug`` / ``NANODET_JAX_DEBUG=1`` for the traceback;
-a genuine bug keeps its traceback. No model is built here: every error is raised before."""
+a genuine bug keeps its traceback. Also: predict skips an unreadable image and still
+writes predictions.json; eval names a missing or cut image. No model is built here:
+every error is raised before, and predict runs a stand-in predictor."""
 
 from __future__ import annotations
 
 import importlib
+import json
+import logging
+from pathlib import Path
 
+import cv2
 import numpy as np
 import pytest
 from flax import nnx
 
-from nanodet_jax.cli import check_dataset
+from nanodet_jax.cli import check_dataset, predict
 from nanodet_jax.cli import common as cli
+from nanodet_jax.cli import eval as eval_cli
+from nanodet_jax.data.coco import ImageReadError, ImageRecord
 from nanodet_jax.errors import UnknownFieldError
+from nanodet_jax.evaluation import coco_eval
+from nanodet_jax.evaluation.predictor import Detections
 from nanodet_jax.weights.pytorch import WeightMismatchError, load_torch_weights
 from tests.conftest import config_path
 
@@ -97,4 +107,89 @@ def test_deeper_exits_and_weight_mismatches_become_one_line(capsys):
         "error: a state_dict does not fit this model (missing 2, unexpected 1 keys; --debug "
         "lists them): check that --config matches the architecture the weights were trained "
         "with"
+    )
+
+
+class _StandIn:
+    """A predictor with a fixed detection per image (predict's own logic is under test)."""
+
+    class_names = ["a", "b"]
+
+    def __call__(self, images: list[np.ndarray]) -> list[Detections]:
+        box = np.array([[1, 1, 8, 8]], np.float32)
+        return [Detections(box, np.array([0.9], np.float32), np.array([1], np.int32))] * len(images)
+
+    def prepare(self, img: np.ndarray) -> np.ndarray:
+        return img
+
+
+def test_predict_skips_an_unreadable_image_and_writes_the_rest(tmp_path, monkeypatch, capsys):
+    images, out = tmp_path / "images", tmp_path / "preds"
+    images.mkdir()
+    names = [f"{i}.png" for i in range(6)]
+    for name in names:
+        cv2.imwrite(str(images / name), np.full((12, 16, 3), 80, np.uint8))
+    (images / "3.png").write_bytes(b"\x89PNG\r\n\x1a\n not a png")
+    monkeypatch.setattr(predict, "predictor_from_config", lambda *args: _StandIn())
+    warnings = []
+    monkeypatch.setattr(predict.log, "warning", warnings.append)
+    predict.main([str(images), "--config", CONFIG, "--torch-weights", "x.pth",
+                  "--out-dir", str(out)])  # fmt: skip
+    bad = str(images / "3.png")
+    assert warnings == [f"skipping {bad}: truncated PNG (no IEND chunk)"]
+    records = json.loads((out / "predictions.json").read_text())
+    assert [r["file"] for r in records] == [str(images / n) for n in names if n != "3.png"]
+    assert records[0]["detections"][0]["class_name"] == "b"
+    skipped = json.loads((out / "skipped.json").read_text())
+    assert skipped == [{"file": bad, "error": f"{bad}: truncated PNG (no IEND chunk)"}]
+    assert sorted(p.name for p in out.iterdir() if p.suffix == ".png") == sorted(
+        n for n in names if n != "3.png"
+    )
+    assert capsys.readouterr().out == (
+        f"wrote 5 drawn images and predictions.json to {out} "
+        "(skipped 1 unreadable, listed in skipped.json)\n"
+    )
+
+
+def _coco(path: Path, names: list[str]) -> Path:
+    images = [{"id": i + 1, "file_name": n, "width": 16, "height": 12} for i, n in enumerate(names)]
+    cats = [{"id": i + 1, "name": n} for i, n in enumerate("abcde")]
+    path.write_text(json.dumps({"images": images, "annotations": [], "categories": cats}))
+    return path
+
+
+def test_eval_stops_on_a_missing_image_naming_it(tmp_path, capsys):
+    """Evaluation is over the whole annotation file (NanoDet's mAP): a missing image ends
+    it before the model is built, naming the file."""
+    cv2.imwrite(str(tmp_path / "a.png"), np.zeros((12, 16, 3), np.uint8))
+    ann = _coco(tmp_path / "ann.json", ["a.png", "gone.png"])
+    classes = "--config.class_names=['a', 'b', 'c', 'd', 'e']"
+    argv = ["--config", CONFIG, "--torch-weights", "x.pth", f"--config.data.val.ann_file={ann}",
+            f"--config.data.val.img_dir={tmp_path}", classes]  # fmt: skip
+    code, err = run_main(eval_cli.main, argv, capsys)
+    assert code == 2
+    assert err == (
+        f"error: 1 of the 2 images of {ann} not found: {tmp_path / 'gone.png'} "
+        "(nanodet-check-dataset --split val lists every broken image)\n"
+    )
+
+
+def test_eval_decoding_raises_the_image_error_naming_the_file(tmp_path):
+    """A cut image found while decoding: its own ImageReadError (one line through the
+    entry point), not grain's wrapping of it."""
+    records = []
+    for i, data in enumerate([None, b"\xff\xd8\xff\xe0 cut short"]):
+        path = tmp_path / f"{i}.jpg"
+        if data is None:
+            cv2.imwrite(str(path), np.zeros((12, 16, 3), np.uint8))
+        else:
+            path.write_bytes(data)
+        empty = np.zeros((0, 4), np.float32)
+        records.append(ImageRecord(i, str(path), 16, 12, empty, np.zeros(0, np.int32), empty))
+    logging.getLogger("nanodet_jax").setLevel(logging.WARNING)
+    with pytest.raises(ImageReadError) as info:
+        list(coco_eval.prepared_images(_StandIn(), records))
+    assert type(info.value) is ImageReadError
+    assert str(info.value) == (
+        f"{tmp_path / '1.jpg'}: truncated JPEG (no end-of-image marker after its last scan)"
     )
