@@ -15,6 +15,9 @@ class UserError(Exception):
     (e.g. every offending key of a weight file); ``--debug`` shows the full message.
     """
 
+    # A class default too: OSError.__init__ does not call ours (ImageReadError).
+    one_line: str | None = None
+
     def __init__(self, message: str, one_line: str | None = None):
         super().__init__(message)
         self.one_line = one_line

@@ -13,7 +13,7 @@ from collections.abc import Iterator, Sequence
 import grain
 import numpy as np
 
-from nanodet_jax.data.coco import CocoDetection, ImageReadError, ImageRecord, load_image
+from nanodet_jax.data.coco import CocoDetection, ImageRecord, load_image
 from nanodet_jax.evaluation.predictor import Detections, Predictor, PreparedImage
 
 log = logging.getLogger("nanodet_jax")
@@ -56,21 +56,14 @@ NANODET_NAMES = ("mAP", "AP_50", "AP_75", "AP_small", "AP_m", "AP_l")
 def prepared_images(
     predictor: Predictor, records: Sequence[ImageRecord], num_threads: int = 2
 ) -> Iterator[tuple[ImageRecord, PreparedImage]]:
-    """Decode and warp images in background threads, in dataset order. An unreadable
-    image raises its own :class:`ImageReadError` here, not grain's wrapping of it."""
+    """Decode and warp images in background threads, in dataset order."""
 
-    def load(record: ImageRecord) -> tuple[ImageRecord, PreparedImage | ImageReadError]:
-        try:
-            return record, predictor.prepare(load_image(record))
-        except ImageReadError as err:  # handed over as a value, raised below as it is
-            return record, err
+    def load(record: ImageRecord) -> tuple[ImageRecord, PreparedImage]:
+        return record, predictor.prepare(load_image(record))
 
     ds = grain.MapDataset.source(list(records)).map(load)
     opts = grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=16)
-    for record, prepared in ds.to_iter_dataset(read_options=opts):
-        if isinstance(prepared, ImageReadError):
-            raise prepared
-        yield record, prepared
+    return iter(ds.to_iter_dataset(read_options=opts))
 
 
 def predict_dataset(
