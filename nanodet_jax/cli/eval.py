@@ -16,12 +16,10 @@ import logging
 import os
 import sys
 import time
-from typing import Any
 
 from nanodet_jax.cli import common as cli
-from nanodet_jax.data.coco import missing_image_files
+from nanodet_jax.data.coco import require_image_files
 from nanodet_jax.data.datasets import build_dataset
-from nanodet_jax.errors import UserError
 from nanodet_jax.evaluation import coco_eval, evaluator_from_config
 from nanodet_jax.evaluation.predictor import Predictor, config_label_names
 from nanodet_jax.models import build_model
@@ -39,22 +37,6 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[
     return p.parse_known_args(argv)
 
 
-def check_images(dataset: Any) -> None:
-    """Evaluation is over the whole annotation file, as NanoDet's: a missing image stops
-    it (a mAP over the rest would not compare with anyone's), before the model is built.
-    The message names the first files; a truncated or undecodable image stops it when
-    decoded, naming that file."""
-    missing = missing_image_files(dataset.records)
-    if missing:
-        shown = ", ".join(missing[:3]) + (
-            f" and {len(missing) - 3} more" if len(missing) > 3 else ""
-        )
-        raise UserError(
-            f"{len(missing)} of the {len(dataset.records)} images of {dataset.ann_file} not "
-            f"found: {shown} (nanodet-check-dataset --split val lists every broken image)"
-        )
-
-
 @cli.entry_point
 def main(argv: list[str] | None = None) -> dict:
     args, overrides = parse_args(argv)
@@ -63,7 +45,7 @@ def main(argv: list[str] | None = None) -> dict:
     val = config.data.val
     cli.check_data_config(config)
     dataset = build_dataset(val, config_label_names(config), role="val")
-    check_images(dataset)
+    require_image_files(dataset.records, dataset.ann_file)  # before the model is built
     model = build_model(config, with_aux=False)
     if len(dataset.class_names) != model.num_label_classes:
         # FCOS with a label_map: the dataset's labels are that map's entries, not its logits.

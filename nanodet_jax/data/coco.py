@@ -66,10 +66,19 @@ def read_image(path: str) -> np.ndarray:
     return img
 
 
-def missing_image_files(records: Sequence[ImageRecord]) -> list[str]:
-    """Paths of the file-backed records whose image file does not exist (one stat each:
-    cheap enough to run before a model is built)."""
-    return [r.path for r in records if r.source is None and not os.path.isfile(r.path)]
+def require_image_files(records: Sequence[ImageRecord], ann_file: str) -> None:
+    """Evaluation is over the whole annotation file, as NanoDet's (a mAP over the rest
+    would compare with nothing): a :class:`UserError` naming the first missing files.
+    One stat per image, cheap enough to run before a model is built; a truncated or
+    undecodable image is found when decoded (an :class:`ImageReadError` naming it)."""
+    missing = [r.path for r in records if r.source is None and not os.path.isfile(r.path)]
+    if missing:
+        more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
+        raise UserError(
+            f"{len(missing)} of the {len(records)} images of {ann_file} not found: "
+            f"{', '.join(missing[:3])}{more} (nanodet-check-dataset --split val lists every "
+            "broken image)"
+        )
 
 
 def load_image(record: ImageRecord) -> np.ndarray:

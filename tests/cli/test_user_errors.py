@@ -18,6 +18,7 @@ from flax import nnx
 from nanodet_jax.cli import check_dataset, predict
 from nanodet_jax.cli import common as cli
 from nanodet_jax.cli import eval as eval_cli
+from nanodet_jax.cli import train as train_cli
 from nanodet_jax.data.coco import ImageRecord
 from nanodet_jax.errors import UnknownFieldError
 from nanodet_jax.evaluation import coco_eval
@@ -157,15 +158,18 @@ def _coco(path: Path, names: list[str]) -> Path:
     return path
 
 
-def test_eval_stops_on_a_missing_image_naming_it(tmp_path, capsys):
+@pytest.mark.parametrize("entry", ["eval", "train"])
+def test_a_missing_val_image_stops_eval_and_train_naming_it(tmp_path, capsys, entry):
     """Evaluation is over the whole annotation file (NanoDet's mAP): a missing image ends
-    it before the model is built, naming the file."""
+    eval, and training, before a model is built (not after an epoch), naming the file."""
     cv2.imwrite(str(tmp_path / "a.png"), np.zeros((12, 16, 3), np.uint8))
     ann = _coco(tmp_path / "ann.json", ["a.png", "gone.png"])
-    classes = "--config.class_names=['a', 'b', 'c', 'd', 'e']"
-    argv = ["--config", CONFIG, "--torch-weights", "x.pth", f"--config.data.val.ann_file={ann}",
-            f"--config.data.val.img_dir={tmp_path}", classes]  # fmt: skip
-    code, err = run_main(eval_cli.main, argv, capsys)
+    data = [f"--config.data.{s}.{k}={v}" for s in ("train", "val")
+            for k, v in (("ann_file", ann), ("img_dir", tmp_path))]  # fmt: skip
+    argv = ["--config", CONFIG, *data, "--config.class_names=['a', 'b', 'c', 'd', 'e']"]
+    argv += ["--torch-weights", "x.pth"] if entry == "eval" else ["--workdir", str(tmp_path)]
+    main = eval_cli.main if entry == "eval" else train_cli.main
+    code, err = run_main(main, argv, capsys)
     assert code == 2
     assert err == (
         f"error: 1 of the 2 images of {ann} not found: {tmp_path / 'gone.png'} "
