@@ -13,10 +13,12 @@ import contextlib
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any, Generic, TypeVar
 
+from nanodet_jax.errors import ConfigError
+
 T = TypeVar("T")
 
 
-class UnknownNameError(ValueError):
+class UnknownNameError(ConfigError):
     """A config names an implementation that is not registered."""
 
 

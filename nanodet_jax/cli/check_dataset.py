@@ -4,10 +4,11 @@
         [--no-decode] [--config.data.train.img_dir=...]
 
 Reads the dataset in whatever format ``config.data.<split>.name`` names and reports:
-image count, boxes per class, images without boxes, broken images (missing, undecodable),
-boxes outside the image or degenerate, annotations of unknown classes, duplicate image ids
-and file names, image sizes that differ from the annotation. Exits 1 when the dataset
-would not train correctly (errors), 0 when there are at most warnings.
+image count, boxes per class, images without boxes, broken images (missing, truncated
+JPEG / PNG, undecodable), boxes outside the image or degenerate, annotations of unknown
+classes, duplicate image ids and file names, image sizes that differ from the annotation.
+Exits 1 when the dataset would not train correctly (errors), 0 when there are at most
+warnings.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from nanodet_jax.cli import common as cli
 from nanodet_jax.data.check import check_dataset
 
 
+@cli.entry_point
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--config", required=True, help="config file, e.g. configs/quickstart.py")

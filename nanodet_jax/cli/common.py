@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
+import os
 import sys
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
 
 from flax import nnx
 
 from nanodet_jax import runtime
+from nanodet_jax.errors import ConfigError, UserError
 from nanodet_jax.weights import checkpoint
 from nanodet_jax.weights.pytorch import load_torch_weights
 
@@ -39,14 +43,17 @@ def start(compilation_cache: bool = True) -> None:
 def read_config(path: str, overrides: list[str]) -> Any:
     """``load_config`` for an entry point: a user's mistake in the config file or an
     override (a missing file, a typo in a field, a NanoDet .yml part not supported yet)
-    ends the program with one line naming it, not a traceback."""
+    becomes a :class:`ConfigError` naming it, which :func:`entry_point` prints as one line.
+    (KeyError / ValueError too: the .yml converter and config files raise plain ones.)"""
     from nanodet_jax.config.loading import load_config
 
     try:
         return load_config(path, overrides)
-    except (FileNotFoundError, KeyError, ValueError) as err:  # UnsupportedNanoDetConfig too
+    except UserError:
+        raise
+    except (FileNotFoundError, KeyError, ValueError) as err:
         message = err.args[0] if err.args else str(err)
-        sys.exit(f"error: {message}")
+        raise ConfigError(str(message)) from err
 
 
 def check_data_config(config: Any) -> None:
@@ -58,7 +65,68 @@ def check_data_config(config: Any) -> None:
         try:
             canvas_resize.from_config(config.data[split], f"data.{split}")
         except ValueError as err:
-            sys.exit(f"error: {err}")
+            raise ConfigError(str(err)) from err
+
+
+class UserExit(SystemExit):
+    """Exit status 2 after a user error was printed; ``str()`` is the printed line (so a
+    caller of ``main(argv)`` can read it, as from ``sys.exit("error: ...")`` before)."""
+
+    def __init__(self, line: str):
+        super().__init__(USER_ERROR_STATUS)
+        self.line = line
+
+    def __str__(self) -> str:
+        return self.line
+
+
+USER_ERROR_STATUS = 2  # argparse's status for a bad command line: the same kind of mistake
+DEBUG_FLAG, DEBUG_ENV = "--debug", "NANODET_JAX_DEBUG"
+# The named kinds of user mistakes. FileNotFoundError / PermissionError always name their
+# path (weights, checkpoint directories, output folders); everything else is a bug.
+USER_ERRORS: tuple[type[BaseException], ...] = (UserError, FileNotFoundError, PermissionError)
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def error_line(err: BaseException) -> str:
+    """The one line printed for a user error."""
+    if isinstance(err, UserError):
+        text = err.brief()
+    elif isinstance(err, OSError) and err.filename is not None:
+        text = f"{err.filename}: {err.strerror or err}"
+    else:
+        text = str(err.args[0]) if err.args else type(err).__name__
+    text = " ".join(text.split())  # one line, whatever the message held
+    return text if text.startswith("error: ") else f"error: {text}"
+
+
+def entry_point(main: F) -> F:
+    """Wrap an entry point's ``main(argv)``: a user error (:data:`USER_ERRORS`, or a
+    ``SystemExit("error: ...")`` raised deeper, e.g. by the training loop) is printed as
+    one line on stderr and exits with status 2; ``--debug`` anywhere on the command line
+    or ``NANODET_JAX_DEBUG=1`` lets the exception through with its traceback."""
+
+    @functools.wraps(main)
+    def wrapped(argv: Sequence[str] | None = None) -> Any:
+        args = list(sys.argv[1:] if argv is None else argv)
+        debug = DEBUG_FLAG in args or os.environ.get(DEBUG_ENV, "") not in ("", "0")
+        args = [a for a in args if a != DEBUG_FLAG]
+        try:
+            return main(args)
+        except UserExit:
+            raise
+        except USER_ERRORS as err:
+            if debug:
+                raise
+            line = error_line(err)
+        except SystemExit as err:
+            if debug or not (isinstance(err.code, str) and err.code.startswith("error: ")):
+                raise  # argparse's own exits (status 2, already printed), sys.exit(0), ...
+            line = error_line(err)
+        print(line, file=sys.stderr, flush=True)
+        raise UserExit(line) from None
+
+    return wrapped  # type: ignore[return-value]
 
 
 def add_weight_args(parser: argparse.ArgumentParser, required: bool = True) -> None:

@@ -32,6 +32,7 @@ def _has_training_branches(config: Any, names: Iterable[str]) -> bool:
     return bool(prefixes) and any(k.startswith(prefixes) for k in names)
 
 
+@cli.entry_point
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--config", required=True, help="config .py file (configs/...)")

@@ -18,6 +18,7 @@ import sys
 import time
 
 from nanodet_jax.cli import common as cli
+from nanodet_jax.data.coco import require_image_files
 from nanodet_jax.data.datasets import build_dataset
 from nanodet_jax.evaluation import coco_eval, evaluator_from_config
 from nanodet_jax.evaluation.predictor import Predictor, config_label_names
@@ -36,6 +37,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[
     return p.parse_known_args(argv)
 
 
+@cli.entry_point
 def main(argv: list[str] | None = None) -> dict:
     args, overrides = parse_args(argv)
     cli.start()
@@ -43,6 +45,7 @@ def main(argv: list[str] | None = None) -> dict:
     val = config.data.val
     cli.check_data_config(config)
     dataset = build_dataset(val, config_label_names(config), role="val")
+    require_image_files(dataset.records, dataset.ann_file)  # before the model is built
     model = build_model(config, with_aux=False)
     if len(dataset.class_names) != model.num_label_classes:
         # FCOS with a label_map: the dataset's labels are that map's entries, not its logits.

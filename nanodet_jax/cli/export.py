@@ -18,6 +18,7 @@ from nanodet_jax.deploy.onnx_export import INPUT_NAME, OPSET, export_onnx, onnxr
 from nanodet_jax.models import build_model
 
 
+@cli.entry_point
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--config", required=True)

@@ -14,10 +14,10 @@ from collections.abc import Sequence
 
 from nanodet_jax.cli import common as cli
 from nanodet_jax.config.loading import split_overrides
-from nanodet_jax.config.nanodet_yml import UnsupportedNanoDetConfig
 from nanodet_jax.config.nanodet_yml_write import write_nanodet_yml
 
 
+@cli.entry_point
 def main(argv: Sequence[str] | None = None) -> None:
     others, overrides = split_overrides(sys.argv[1:] if argv is None else argv)
     p = argparse.ArgumentParser(description="Write a NanoDet .yml for one of our configs.")
@@ -25,10 +25,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--out", required=True, help="the .yml to write")
     args = p.parse_args(others)
     config = cli.read_config(args.config, overrides)
-    try:
-        write_nanodet_yml(config, args.out, args.config)
-    except UnsupportedNanoDetConfig as e:
-        sys.exit(f"error: {e}")
+    write_nanodet_yml(config, args.out, args.config)  # UnsupportedNanoDetConfig: one line
     print(f"wrote {args.out}")
 
 

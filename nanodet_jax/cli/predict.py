@@ -4,7 +4,9 @@
         --torch-weights nanodet-plus-m_416.pth --out-dir preds IMAGE_OR_FOLDER [...]
 
 writes ``preds/<image>.jpg`` with the boxes drawn and ``preds/predictions.json``
-(per image: boxes in original pixels, scores, class ids and names).
+(per image: boxes in original pixels, scores, class ids and names). An image that cannot
+be read (missing, truncated, undecodable) is skipped with a warning naming it, and listed
+with its problem in ``preds/skipped.json`` (an empty list when none was).
 
 Python::
 
@@ -26,12 +28,13 @@ import cv2
 
 from nanodet_jax.cli import common as cli
 from nanodet_jax.config.loading import load_config, split_overrides
-from nanodet_jax.data.coco import read_image
+from nanodet_jax.data.coco import ImageReadError, read_image
 from nanodet_jax.evaluation.predictor import Detections, Predictor
 from nanodet_jax.evaluation.visualize import draw_detections
 from nanodet_jax.models import build_model
 
 log = logging.getLogger("nanodet_jax")
+SKIPPED_JSON = "skipped.json"
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 
 
@@ -93,11 +96,17 @@ def detections_json(path: str, det: Detections, class_names: Sequence[str]) -> d
 def predict_paths(
     predictor: Predictor, paths: Sequence[str], out_dir: str, score_thr: float = 0.35
 ) -> list[dict]:
-    """Run on image files; write drawn images and predictions.json into ``out_dir``."""
+    """Run on image files; write drawn images, predictions.json and skipped.json (the
+    unreadable files, ``{"file", "error"}`` each) into ``out_dir``."""
     os.makedirs(out_dir, exist_ok=True)
-    records = []
+    records, skipped = [], []
     for path in paths:
-        img = read_image(path)
+        try:
+            img = read_image(path)
+        except ImageReadError as err:  # one bad file in a folder must not cost the rest
+            log.warning(f"skipping {err}")
+            skipped.append({"file": path, "error": str(err)})
+            continue
         [det] = predictor([img])
         drawn = draw_detections(
             img, det.boxes, det.scores, det.labels, predictor.class_names, score_thr
@@ -110,9 +119,14 @@ def predict_paths(
         log.info(f"{path}: {kept} objects above {score_thr}: {', '.join(names) or '-'}")
     with open(os.path.join(out_dir, "predictions.json"), "w") as f:
         json.dump(records, f, indent=1)
+    # Beside predictions.json, whose list stays one entry per predicted image; written
+    # even when empty, so that one from an earlier run in the same folder cannot mislead.
+    with open(os.path.join(out_dir, SKIPPED_JSON), "w") as f:
+        json.dump(skipped, f, indent=1)
     return records
 
 
+@cli.entry_point
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("inputs", nargs="+", help="image files or folders")
@@ -129,8 +143,10 @@ def main(argv: list[str] | None = None) -> None:
     paths = image_paths(args.inputs)
     if not paths:
         p.error("no images found in the given inputs")
-    predict_paths(predictor, paths, args.out_dir, args.score_thr)
-    print(f"wrote {len(paths)} drawn images and predictions.json to {args.out_dir}")
+    records = predict_paths(predictor, paths, args.out_dir, args.score_thr)
+    skipped = len(paths) - len(records)
+    note = f" (skipped {skipped} unreadable, listed in {SKIPPED_JSON})" if skipped else ""
+    print(f"wrote {len(records)} drawn images and predictions.json to {args.out_dir}{note}")
 
 
 if __name__ == "__main__":

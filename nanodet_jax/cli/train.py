@@ -45,6 +45,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[
     return p.parse_known_args(argv)
 
 
+@cli.entry_point
 def main(argv: list[str] | None = None) -> dict:
     args, overrides = parse_args(argv)
     cli.start()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import difflib
 import importlib.util
 import os
 import sys
@@ -10,6 +11,8 @@ from collections.abc import Sequence
 from typing import Any
 
 import ml_collections
+
+from nanodet_jax.errors import ConfigError, UnknownFieldError
 
 OVERRIDE_PREFIX = "--config."
 
@@ -25,7 +28,7 @@ def load_config_file(path: str | os.PathLike) -> ml_collections.ConfigDict:
     sys.modules[name] = module
     spec.loader.exec_module(module)
     if not hasattr(module, "get_config"):
-        raise ValueError(f"config file {path!r} has no get_config()")
+        raise ConfigError(f"config file {path!r} has no get_config()")
     return module.get_config()
 
 
@@ -61,6 +64,20 @@ def _parse_value(text: str, current: Any, leaf: str = "") -> Any:
     return value
 
 
+def _unknown_field(dotted: str, parents: Sequence[str], part: str, node: Any) -> Exception:
+    """The error of an override naming no field: the closest existing names first (a
+    typo is the usual cause), then every field of that level."""
+    where = ".".join(parents) or "the config"
+    if not hasattr(node, "keys"):
+        return UnknownFieldError(f"--config.{dotted}: {where} is a value, not a group of fields")
+    fields = sorted(str(k) for k in node.keys())
+    close = difflib.get_close_matches(part, fields, n=3, cutoff=0.6)
+    hint = f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
+    return UnknownFieldError(
+        f"--config.{dotted}: no field {part!r} in {where}{hint} (fields: {', '.join(fields)})"
+    )
+
+
 def apply_overrides(config: ml_collections.ConfigDict, overrides: Sequence[str]) -> None:
     """Apply ``--config.a.b=value`` (or ``--config.a.b value``) arguments in place."""
     args = list(overrides)
@@ -68,30 +85,35 @@ def apply_overrides(config: ml_collections.ConfigDict, overrides: Sequence[str])
     while i < len(args):
         arg = args[i]
         if not arg.startswith(OVERRIDE_PREFIX):
-            raise ValueError(f"unrecognised argument {arg!r}")
+            raise ConfigError(f"unrecognised argument {arg!r}")
         if "=" in arg:
             dotted, text = arg[len(OVERRIDE_PREFIX) :].split("=", 1)
         else:
             if i + 1 >= len(args):
-                raise ValueError(f"{arg} needs a value")
+                raise ConfigError(f"{arg} needs a value")
             dotted, text = arg[len(OVERRIDE_PREFIX) :], args[i + 1]
             i += 1
         i += 1
         *parents, leaf = dotted.split(".")
         node = config
-        for part in parents:
-            if part not in node:
-                raise KeyError(f"--config.{dotted}: no field {part!r} in the config")
-            node = node[part]
-        if leaf not in node:
-            raise KeyError(f"--config.{dotted}: no field {leaf!r}; fields here: {sorted(node)}")
+        for depth, part in enumerate([*parents, leaf]):
+            if not hasattr(node, "keys") or part not in node:
+                raise _unknown_field(dotted, parents[:depth], part, node)
+            if depth < len(parents):
+                node = node[part]
         current = node[leaf]
-        value = _parse_value(text, current, leaf)
+        try:
+            value = _parse_value(text, current, leaf)
+        except ValueError as err:
+            raise ConfigError(f"--config.{dotted}: {err}") from None
         if isinstance(node, ml_collections.ConfigDict):
             with node.unlocked():
                 if type(value) is not type(current) and leaf in BOOL_OR_PATH_FIELDS:
                     del node[leaf]  # a path where the file said True: no type to keep
-                setattr(node, leaf, value)
+                try:
+                    setattr(node, leaf, value)
+                except TypeError as err:  # ml_collections keeps a field's type
+                    raise ConfigError(f"--config.{dotted}={text}: {err}") from None
         else:
             node[leaf] = value
 

@@ -65,6 +65,7 @@ import ml_collections
 import yaml
 
 from nanodet_jax.config.defaults import nanodet_plus_config
+from nanodet_jax.errors import ConfigError
 from nanodet_jax.training.optim import OPTIMIZER_KEYS, OPTIMIZERS
 from nanodet_jax.training.schedules import LR_SCHEDULES
 
@@ -123,7 +124,7 @@ def our_field(field: str) -> str | None:
     return field.removeprefix(f"{EXTRAS_KEY}.")
 
 
-class UnsupportedNanoDetConfig(ValueError):
+class UnsupportedNanoDetConfig(ConfigError):
     """A NanoDet config field we cannot map (yet); the message is one line."""
 
 

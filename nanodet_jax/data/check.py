@@ -2,10 +2,11 @@
 ``nanodet_jax/cli/check_dataset.py``).
 
 Reads the dataset in whatever format ``config.data.<split>.name`` names and reports:
-image count, boxes per class, images without boxes, broken images (missing, undecodable),
-boxes outside the image or degenerate, annotations of unknown classes, duplicate image ids
-and file names, image sizes that differ from the annotation. Exits 1 when the dataset
-would not train correctly (errors), 0 when there are at most warnings.
+image count, boxes per class, images without boxes, broken images (missing, truncated
+JPEG / PNG, undecodable), boxes outside the image or degenerate, annotations of unknown
+classes, duplicate image ids and file names, image sizes that differ from the annotation.
+Exits 1 when the dataset would not train correctly (errors), 0 when there are at most
+warnings.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from typing import Any
 
 from nanodet_jax.data.coco import ImageReadError, ImageRecord, load_image
 from nanodet_jax.data.datasets import build_dataset
+from nanodet_jax.data.image_integrity import truncation_problem
 from nanodet_jax.data.image_size import image_size
 from nanodet_jax.data.raw import RawImage, kept_annotation
 
@@ -26,6 +28,7 @@ log = logging.getLogger("nanodet_jax")
 ERROR, WARNING = "error", "warning"
 SHOW = 10  # examples listed per kind of problem
 OUTSIDE_TOLERANCE = 1.0  # px: COCO boxes often end a rounding error past the border
+BROKEN = "broken images (missing, truncated or undecodable)"
 
 
 @dataclasses.dataclass
@@ -92,10 +95,13 @@ def _check_image(record: ImageRecord, decode: bool) -> tuple[str, str] | None:
             h, w = load_image(record).shape[:2]
         elif record.source is None:
             w, h = image_size(record.path)
+            problem = truncation_problem(record.path)  # a few kB read: --no-decode too
+            if problem is not None:
+                raise ImageReadError(f"{record.path}: {problem}")
         else:
             return None  # container items are only checked by decoding them
     except ImageReadError as e:
-        return "broken images (missing or undecodable)", str(e)
+        return BROKEN, str(e)
     if (w, h) != (record.width, record.height):
         msg = (
             f"{record.path} (image id {record.image_id}): image is {w}x{h}, "
@@ -128,7 +134,7 @@ def check_dataset(
             f"{dataset.ann_file}: {len(dataset.class_names)} classes, the config has {len(names)}",
         )  # fmt: skip
     for message in getattr(dataset, "skipped", []):  # YOLO txt files without an image
-        report.add("broken images (missing or undecodable)", ERROR, message)
+        report.add(BROKEN, ERROR, message)
 
     for img in raw:
         _check_boxes(report, img)

@@ -12,16 +12,20 @@ import dataclasses
 import io
 import logging
 import os
+from collections.abc import Sequence
 from typing import Protocol
 
 import cv2
 import numpy as np
 
+from nanodet_jax.data.image_integrity import truncation_problem
+from nanodet_jax.errors import UserError
+
 log = logging.getLogger("nanodet_jax")
 
 
-class ImageReadError(OSError):
-    """An image file is missing or cannot be decoded; the message names the file."""
+class ImageReadError(OSError, UserError):
+    """An image file is missing, cut short or cannot be decoded; the message names it."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,13 +52,33 @@ class ImageSource(Protocol):
 
 
 def read_image(path: str) -> np.ndarray:
-    """BGR uint8 HWC image, or :class:`ImageReadError` naming the file and the problem."""
+    """BGR uint8 HWC image, or :class:`ImageReadError` naming the file and the problem
+    (missing, truncated JPEG / PNG, undecodable)."""
     if not os.path.isfile(path):
         raise ImageReadError(f"{path}: image file not found")
+    # Before decoding: cv2 decodes a cut JPEG as a half-grey image without failing.
+    problem = truncation_problem(path)
+    if problem is not None:
+        raise ImageReadError(f"{path}: {problem}")
     img = cv2.imread(path, cv2.IMREAD_COLOR)
     if img is None:
         raise ImageReadError(f"{path}: cannot decode image (corrupt or not an image)")
     return img
+
+
+def require_image_files(records: Sequence[ImageRecord], ann_file: str) -> None:
+    """Evaluation is over the whole annotation file, as NanoDet's (a mAP over the rest
+    would compare with nothing): a :class:`UserError` naming the first missing files.
+    One stat per image, cheap enough to run before a model is built; a truncated or
+    undecodable image is found when decoded (an :class:`ImageReadError` naming it)."""
+    missing = [r.path for r in records if r.source is None and not os.path.isfile(r.path)]
+    if missing:
+        more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
+        raise UserError(
+            f"{len(missing)} of the {len(records)} images of {ann_file} not found: "
+            f"{', '.join(missing[:3])}{more} (nanodet-check-dataset --split val lists every "
+            "broken image)"
+        )
 
 
 def load_image(record: ImageRecord) -> np.ndarray:

@@ -24,6 +24,7 @@ import cv2
 import numpy as np
 
 from nanodet_jax.data.coco import ImageReadError
+from nanodet_jax.data.image_integrity import truncation_problem_bytes
 from nanodet_jax.data.image_size import encoded_image_size
 from nanodet_jax.data.raw import RawAnnotation, RawDataset, RawImage
 
@@ -73,6 +74,9 @@ def pick_split(available: Sequence[str], split: str | None, role: str) -> str:
 def decode_image(value: Any, name: str) -> np.ndarray:
     """BGR uint8 from encoded bytes (cv2, as ``read_image``) or a TFDS RGB array."""
     if isinstance(value, (bytes, bytearray, memoryview)):
+        problem = truncation_problem_bytes(value)  # cv2 would decode it half grey
+        if problem is not None:
+            raise ImageReadError(f"{name}: {problem}")
         img = cv2.imdecode(np.frombuffer(value, np.uint8), cv2.IMREAD_COLOR)
         if img is None:
             raise ImageReadError(f"{name}: cannot decode image (corrupt or not an image)")

@@ -183,6 +183,13 @@ def export_coco(ann_file: str, img_dir: str, out_dir: str, split: str = "train")
 
 
 def main(argv: list[str] | None = None) -> None:
+    """``nanodet-tfds-export``: user errors as one line, status 2 (as every entry point)."""
+    from nanodet_jax.cli.common import entry_point  # the CLI layer, imported on use
+
+    entry_point(_main)(argv)
+
+
+def _main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description="Write a COCO-json dataset as TFDS array_record.")
     p.add_argument("--ann", required=True, help="COCO annotation json")
     p.add_argument("--img-dir", required=True, help="folder of the images it names")

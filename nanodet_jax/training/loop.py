@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from nanodet_jax.data import transforms
-from nanodet_jax.data.coco import CocoDetection, load_image
+from nanodet_jax.data.coco import CocoDetection, load_image, require_image_files
 from nanodet_jax.data.datasets import build_dataset
 from nanodet_jax.data.pipeline import train_loader_from_config
 from nanodet_jax.evaluation import coco_eval, evaluator_from_config
@@ -137,6 +137,8 @@ def train_and_evaluate(
     names = config_label_names(config)  # the dataset labels' names (FCOS: via label_map)
     train_set = build_dataset(config.data.train, names, role="train")
     val_set = build_dataset(config.data.val, names, role="val")
+    # Now, not at the first evaluation after an epoch of training.
+    require_image_files(val_set.records, val_set.ann_file)
     mesh = distributed.data_mesh()
     global_batch = int(config.device.batch_size_per_device) * jax.device_count()
     loader = train_loader_from_config(

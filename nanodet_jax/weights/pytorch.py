@@ -20,13 +20,15 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from nanodet_jax.errors import UserError
+
 log = logging.getLogger("nanodet_jax")
 
 # Prefixes a state_dict may carry: Lightning's task attributes and DDP's wrapper.
 EMA_PREFIX, MODEL_PREFIX, DDP_PREFIX = "avg_model.", "model.", "module."
 
 
-class WeightMismatchError(ValueError):
+class WeightMismatchError(UserError, ValueError):
     """The weights do not fit the model: the message lists every offending key."""
 
 
@@ -198,7 +200,17 @@ def load_torch_weights(
                 lines += [f"    {s}" for s in shown]
         hint = hint or "check that --config matches the architecture the weights were trained with"
         lines.append(f"  ({hint})")
-        raise WeightMismatchError("\n".join(lines))
+        counts = ", ".join(
+            f"{t} {len(i)}"
+            for t, i in (
+                ("missing", missing),
+                ("unexpected", unexpected),
+                ("shape mismatch", mismatched),
+            )
+            if i
+        )
+        one_line = f"{source} does not fit this model ({counts} keys; --debug lists them): {hint}"
+        raise WeightMismatchError("\n".join(lines), one_line=one_line)
 
     loaded = []
     for k, var in variables.items():

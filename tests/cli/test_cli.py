@@ -175,7 +175,7 @@ def test_predict_folder_writes_drawn_images_and_json(ckpt, images, expected, tmp
     predict.main(["--config", CONFIG, *KEEP_RATIO, "--checkpoint", str(ckpt),
                   "--out-dir", str(out), "--score-thr", "0.3", str(images)])  # fmt: skip
     assert f"wrote 3 drawn images and predictions.json to {out}" in capsys.readouterr().out
-    assert sorted(os.listdir(out)) == sorted([*IMAGE_NAMES, "predictions.json"])
+    assert sorted(os.listdir(out)) == sorted([*IMAGE_NAMES, "predictions.json", "skipped.json"])
     records = json.loads((out / "predictions.json").read_text())
     assert [r["file"] for r in records] == [str(images / n) for n in IMAGE_NAMES]
     for name, record in zip(IMAGE_NAMES, records):
@@ -364,7 +364,7 @@ def test_tfds_export_two_splits(tmp_path, capsys):
 @pytest.mark.parametrize("entry", ["train", "eval", "export", "convert", "check_dataset"])
 def test_config_mistakes_end_with_one_line(tmp_path, entry, capsys):
     """A typo in an override or an unsupported NanoDet .yml part: ``error: ...`` naming it,
-    exit status 1, no traceback (the entry points' ``cli.read_config``)."""
+    exit status 2, no traceback (the entry points' ``cli.read_config`` and ``entry_point``)."""
     import importlib
 
     main = importlib.import_module(f"nanodet_jax.cli.{entry}").main
@@ -379,4 +379,5 @@ def test_config_mistakes_end_with_one_line(tmp_path, entry, capsys):
         with pytest.raises(SystemExit) as info:
             main(["--config", config[0], *config[1:], *weights])
         assert str(info.value).startswith("error: ") and expected in str(info.value)
+        assert info.value.code == 2
         assert "\n" not in str(info.value)

@@ -298,8 +298,9 @@ def test_entry_points_take_a_nanodet_yml(tmp_path, entry):
     role = "train" if entry == "train" else "val"
     argv = ["--config", path, f"--config.data.{role}.ann_file={missing}"]
     argv += ["--workdir", str(tmp_path)] if entry == "train" else ["--torch-weights", "x.pth"]
-    with pytest.raises(FileNotFoundError, match="missing.json: annotation file not found"):
-        _entry_point(entry).main(argv)
+    with pytest.raises(SystemExit, match="missing.json: annotation file not found") as info:
+        _entry_point(entry).main(argv)  # the user error as one line (cli.entry_point)
+    assert info.value.code == 2
 
 
 @pytest.mark.parametrize("yml", ["nanodet-plus-m_320.yml", "nanodet-plus-m_416.yml"])
