@@ -19,7 +19,7 @@ SLOPES = {"ReLU": 0.0, "LeakyReLU": 0.1}  # NanoDet's LeakyReLU slope
 
 
 class JaxKinks:
-    """Patches ``nanodet_jax.models.layers.Activation``: records ``x >= 0`` of every ReLU /
+    """Patches ``nanodet_jax.models.layers.Activation``: records ``x > 0`` of every ReLU /
     LeakyReLU call in call order (``record``), or, given ``masks``, replaces each by
     ``where(mask, x, slope * x)``. Reset with :meth:`start` inside the traced function;
     ``use`` (a traced bool) switches the masks off without recompiling."""
@@ -42,10 +42,10 @@ class JaxKinks:
             if layer.name not in SLOPES:
                 return original(layer, x)
             i, self.calls = self.calls, self.calls + 1
-            self.record.append(x >= 0)
+            self.record.append(x > 0)
             if self.masks is None:
                 return original(layer, x)
-            side = jnp.where(self.use, self.masks[i], x >= 0)
+            side = jnp.where(self.use, self.masks[i], x > 0)
             return jnp.where(side, x, SLOPES[layer.name] * x)
 
         Activation.__call__ = call

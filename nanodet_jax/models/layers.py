@@ -58,7 +58,7 @@ ACTIVATIONS: dict[str | None, Callable[[jax.Array], jax.Array]] = {
     None: lambda x: x,
     "ReLU": jax.nn.relu,
     # NanoDet builds LeakyReLU with negative_slope=0.1 (not PyTorch's 0.01 default).
-    "LeakyReLU": lambda x: jax.nn.leaky_relu(x, 0.1),
+    "LeakyReLU": lambda x: jnp.where(x > 0, x, 0.1 * x),
     "ReLU6": jax.nn.relu6,
     "SELU": jax.nn.selu,
     "ELU": jax.nn.elu,
