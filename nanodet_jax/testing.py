@@ -97,3 +97,16 @@ def array_digest(arrays: Mapping[str, np.ndarray]) -> str:
         h.update(f"{name}|{a.dtype.str}|{a.shape}|".encode())
         h.update(a.tobytes())
     return h.hexdigest()
+
+
+def randomise(model, seed: int):
+    """``model`` (any module with PyTorch-named variables) loaded with
+    ``random_state_dict`` of its own shapes, in eval mode; returned for chaining."""
+    from nanodet_jax.weights.pytorch import load_torch_weights, model_variables, to_torch_layout
+
+    shapes = {
+        k: to_torch_layout(np.asarray(v[...])).shape for k, v in model_variables(model).items()
+    }
+    load_torch_weights(model, random_state_dict(shapes, seed))
+    model.eval()
+    return model

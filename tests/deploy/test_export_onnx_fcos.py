@@ -29,9 +29,9 @@ from nanodet_jax.deploy import onnx_export  # noqa: E402
 from nanodet_jax.models import build_model  # noqa: E402
 from nanodet_jax.models.detectors.fcos import level_grids  # noqa: E402
 from nanodet_jax.models.heads.fcos_head import OUTPUT_KEYS  # noqa: E402
-from nanodet_jax.testing import normal_input, random_state_dict  # noqa: E402
+from nanodet_jax.testing import normal_input, randomise  # noqa: E402
 from nanodet_jax.weights import checkpoint  # noqa: E402
-from nanodet_jax.weights.pytorch import load_torch_weights, model_variables, to_torch_layout  # noqa: E402
+from nanodet_jax.weights.pytorch import model_variables  # noqa: E402
 from tests.conftest import config_path  # noqa: E402
 
 TOL = 1e-4
@@ -52,19 +52,10 @@ OPS = {"Conv", "Relu", "MaxPool", "Add", "Resize", "Reshape", "InstanceNormaliza
 OPS |= {"Concat", "Transpose"}
 
 
-def randomised(model: nnx.Module, seed: int) -> nnx.Module:
-    shapes = {
-        k: to_torch_layout(np.asarray(v[...])).shape for k, v in model_variables(model).items()
-    }
-    load_torch_weights(model, random_state_dict(shapes, seed))
-    model.eval()
-    return model
-
-
 @functools.cache
 def _model(name: str) -> nnx.Module:
     config_file, overrides = CONFIGS[name]
-    return randomised(build_model(load_config(config_path(config_file), overrides)), seed=5)
+    return randomise(build_model(load_config(config_path(config_file), overrides)), seed=5)
 
 
 def jax_outputs(model: nnx.Module, x_nchw: np.ndarray) -> dict[str, np.ndarray]:
@@ -134,7 +125,7 @@ def test_export_cli_writes_fcos(tmp_path, capsys):
     (128x128), the three outputs, onnxruntime agreeing with the restored model."""
     cfg = config_path("fcos_quickstart.py")
     config = load_config(cfg)
-    saved = randomised(build_model(config), seed=7)
+    saved = randomise(build_model(config), seed=7)
     checkpoint.save_weights(tmp_path / "ckpt", saved, config)
     path = str(tmp_path / "cli.onnx")
     export_cli.main(["--config", cfg, "--checkpoint", str(tmp_path / "ckpt"), "--out", path])

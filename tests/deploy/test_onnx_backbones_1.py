@@ -16,8 +16,7 @@ from nanodet_jax.deploy import onnx_export, onnx_graph
 from nanodet_jax.models.backbones import BACKBONES
 from nanodet_jax.models.backbones.repvgg import repvgg_model_convert
 from nanodet_jax.models.backbones.resnet import Bottleneck, ResNet
-from nanodet_jax.testing import normal_input, random_state_dict
-from nanodet_jax.weights.pytorch import load_torch_weights, model_variables, to_torch_layout
+from nanodet_jax.testing import normal_input, randomise
 
 pytest.importorskip("onnxruntime", reason="needs onnxruntime (pip install 'nanodet-jax[onnx]')")
 onnx = pytest.importorskip("onnx")
@@ -28,15 +27,6 @@ TOL = 1e-4
 
 class ShortBottleneckResNet(ResNet):  # the Bottleneck path without ResNet-50's 23M weights
     resnet_spec = {50: (Bottleneck, (2, 1, 1, 1))}
-
-
-def randomised(model: nnx.Module, seed: int) -> nnx.Module:
-    shapes = {
-        k: to_torch_layout(np.asarray(v[...])).shape for k, v in model_variables(model).items()
-    }
-    load_torch_weights(model, random_state_dict(shapes, seed))
-    model.eval()
-    return model
 
 
 def backbone_onnx(model: nnx.Module, path: str) -> int:
@@ -89,20 +79,20 @@ def check_against_jax(
     ],
 )
 def test_backbone_graph_matches_jax(name, cfg, tmp_path):
-    model = randomised(BACKBONES.build(cfg, rngs=nnx.Rngs(0)), 3)
+    model = randomise(BACKBONES.build(cfg, rngs=nnx.Rngs(0)), 3)
     print(name, check_against_jax(model, str(tmp_path / f"{name}.onnx")))
 
 
 def test_bottleneck_resnet_graph_matches_jax(tmp_path, monkeypatch):
     # Emitters are found by exact type: the subclass uses ResNet's.
     monkeypatch.setitem(onnx_graph.EMITTERS, ShortBottleneckResNet, onnx_graph.EMITTERS[ResNet])
-    model = randomised(ShortBottleneckResNet(50, (3, 4), rngs=nnx.Rngs(0)), 4)
+    model = randomise(ShortBottleneckResNet(50, (3, 4), rngs=nnx.Rngs(0)), 4)
     print(check_against_jax(model, str(tmp_path / "resnet50_short.onnx")))
 
 
 def test_repvgg_exports_as_its_fused_deploy_model(tmp_path):
     cfg = {"name": "RepVGG", "arch": "A0", "out_stages": (2, 3, 4), "last_channel": 512}
-    train_form = randomised(BACKBONES.build(cfg, rngs=nnx.Rngs(0)), 5)
+    train_form = randomise(BACKBONES.build(cfg, rngs=nnx.Rngs(0)), 5)
     # The three-branch model is written as one conv per block ...
     print(check_against_jax(train_form, str(tmp_path / "fused.onnx")))
     convs = [n for n in onnx.load(str(tmp_path / "fused.onnx")).graph.node if n.op_type == "Conv"]
