@@ -26,7 +26,14 @@ def get_config():
     c.name = "fcos_quickstart"
     c.model.arch = {
         "name": "FCOS",
-        "backbone": {"name": "ResNet", "depth": 18, "out_stages": [2, 3, 4], "activation": "ReLU"},
+        # pretrain: a torchvision resnet18-*.pth to start from ImageNet weights.
+        "backbone": {
+            "name": "ResNet",
+            "depth": 18,
+            "out_stages": [2, 3, 4],
+            "activation": "ReLU",
+            "pretrain": None,
+        },
         "fpn": {
             "name": "FeaturePyramidNetwork",
             "in_channels": [128, 256, 512],

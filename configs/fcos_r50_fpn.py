@@ -42,7 +42,16 @@ def get_config():
     c.model.weight_averager = {"name": "ExpMovingAverager", "decay": 0.0}  # no EMA
     c.model.arch = {
         "name": "FCOS",
-        "backbone": {"name": "ResNet", "depth": 50, "out_stages": [2, 3, 4], "activation": "ReLU"},
+        "backbone": {
+            "name": "ResNet",
+            "depth": 50,
+            "out_stages": [2, 3, 4],
+            "activation": "ReLU",
+            # torchvision's recipe starts from ImageNet weights (weights_backbone): set a
+            # torchvision resnet50-*.pth path (or True: the torch hub cache's file); it
+            # loads into backbone.body when training starts from scratch.
+            "pretrain": None,
+        },
         "fpn": {
             "name": "FeaturePyramidNetwork",
             "in_channels": [512, 1024, 2048],

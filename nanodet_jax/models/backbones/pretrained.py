@@ -193,18 +193,22 @@ def load_pretrained_backbone(
         log.info(f"ImageNet backbone: left out {len(ignored)} tensors ({kinds}) as NanoDet")
     variables = model_variables(backbone)
     hint = _hint(state, variables, model_size, family)
-    # Keep the model's own counter where the file has none (loading it back is a no-op).
+    # Keep the model's own counter where the file has none (loading it back is a no-op);
+    # a frozen BatchNorm has none, and drops the file's as torchvision's FrozenBatchNorm2d.
     for k, var in variables.items():
         if k.endswith(OPTIONAL_SUFFIX) and k not in state:
             state[k] = np.asarray(var[...])
+    state = {k: v for k, v in state.items() if k in variables or not k.endswith(OPTIONAL_SUFFIX)}
     return load_torch_weights(backbone, state, source=f"ImageNet backbone {source}", hint=hint)
 
 
 def load_pretrained_for_training(
     model: nnx.Module, config: Any, *, resuming: bool
 ) -> LoadReport | None:
-    """train.py's start point: ``pretrain`` weights into ``model.backbone``, unless the run
-    resumes or ``init_from`` gives every weight (both would overwrite them anyway).
+    """train.py's start point: ``pretrain`` weights into the detector's
+    ``imagenet_backbone`` (its ``backbone`` unless it wraps one: FCOS's ``backbone.body``),
+    unless the run resumes or ``init_from`` gives every weight (both would overwrite them
+    anyway).
 
     A ``TIMMWrapper`` backbone takes timm's fields instead (``pretrained`` /
     ``checkpoint_path``, see ``timm_convnext.checkpoint_for_training``)."""
@@ -229,4 +233,6 @@ def load_pretrained_for_training(
 
         path = timm_convnext.checkpoint_for_training(backbone_cfg)  # raises for a download
         return timm_convnext.load_timm_checkpoint(model.backbone, path)
-    return load_pretrained_backbone(model.backbone, pretrain)
+    target = getattr(model, "imagenet_backbone", None)
+    target = model.backbone if target is None else target
+    return load_pretrained_backbone(target, pretrain)

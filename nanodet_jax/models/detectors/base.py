@@ -19,6 +19,9 @@ The generic machinery only ever calls what is defined here:
   re-initialised when fine-tuning to another class count, and the branches an
   inference checkpoint lacks (``weights/pytorch.py``, ``cli/train.py``);
 * ``NUM_CLASSES_FIELDS`` are the config fields a new class count must change;
+* ``imagenet_backbone`` is the module an ImageNet checkpoint (``backbone.pretrain``)
+  loads into (``models/backbones/pretrained.py``): ``backbone`` unless the detector
+  wraps it (FCOS: ``backbone.body``);
 * ``onnx_graph`` writes the inference graph with ``deploy/onnx_graph.py``'s emitters.
 """
 
@@ -58,6 +61,11 @@ class Detector(nnx.Module):
         """How many dataset labels the model trains on (``0 .. n - 1``); the class count
         unless the detector maps labels to other outputs (FCOS's ``label_map``)."""
         return self.num_classes
+
+    @property
+    def imagenet_backbone(self) -> nnx.Module:
+        """Where ``model.arch.backbone.pretrain`` (an ImageNet classifier's weights) loads."""
+        return self.backbone
 
     def __call__(self, images: jax.Array) -> jax.Array:
         raise NotImplementedError

@@ -173,6 +173,12 @@ class FCOS(Detector):
         self.label_map = label_map
 
     @property
+    def imagenet_backbone(self) -> nnx.Module:
+        """torchvision's ImageNet ResNet checkpoint (``resnet50-*.pth``) loads into the
+        body, as ``fcos_resnet50_fpn(weights_backbone=...)`` initialises it."""
+        return self.backbone.body
+
+    @property
     def num_label_classes(self) -> int:
         return self.num_classes if self.label_map is None else len(self.label_map)
 
