@@ -218,5 +218,6 @@ def test_eval_names_a_corrupt_image(tmp_path, small_config):
     (tmp_path / "ann.json").write_text(json.dumps(ann))
     dataset = CocoDetection(str(tmp_path / "ann.json"), str(img_dir))
     predictor = Predictor(build_model(small_config, with_aux=False), small_config)
-    with pytest.raises(ImageReadError, match="broken.jpg: cannot decode image"):
+    # The end-marker check (data/image_integrity.py) finds it before the decoder would.
+    with pytest.raises(ImageReadError, match="broken.jpg: truncated JPEG"):
         coco_eval.predict_dataset(predictor, dataset.records, batch_size=2, progress=False)
