@@ -13,6 +13,10 @@ val mAP, EMA weights), ``metrics.jsonl``, TensorBoard logs and ``curves.png``.
 Multi-host: run the same command on every host; ``jax.distributed`` is initialised
 automatically on Cloud TPU / SLURM, or with ``--coordinator``, ``--num_processes`` and
 ``--process_id``.
+
+SIGTERM / SIGINT (a preemption, Ctrl-C) stop training after the current step with a
+checkpoint of that step and exit 0; the same command resumes. A second Ctrl-C kills at
+once; ``checkpoint.preemption_grace_s`` bounds how long a stop may take.
 """
 
 from __future__ import annotations
@@ -21,6 +25,8 @@ import argparse
 import json
 import logging
 import os
+import shlex
+import sys
 
 from nanodet_jax.cli import common as cli
 from nanodet_jax.training import distributed
@@ -59,6 +65,11 @@ def main(argv: list[str] | None = None) -> dict:
         config, workdir, max_steps=args.max_steps, log_samples=args.log_samples,
         progress_bar=cli.progress_enabled(),
     )  # fmt: skip
+    if summary["stopped_by"]:
+        # (entry_point passes sys.argv[1:] on a command line, less --debug.)
+        prog = "python train.py" if os.path.basename(sys.argv[0]) == "train.py" else "nanodet-train"
+        command = f"{prog} {shlex.join(argv or [])}"
+        log.warning(f"to resume, run the same command (it continues from {workdir}): {command}")
     print(json.dumps(summary), flush=True)
     return summary
 

@@ -267,7 +267,11 @@ def nanodet_plus_config(
     # Re-estimate BatchNorm statistics on this many training images after loading
     # init_from (function-preserving; needed for BN-folded weights, e.g. from ncnn).
     c.init_bn_recalibration_images = 0
-    c.checkpoint = {"every_steps": 1000, "keep": 3}
+    # preemption_grace_s: the longest a SIGTERM / SIGINT may take to stop training (the
+    # current step, its checkpoint, orbax's write); past it the process exits without that
+    # checkpoint (status 128 + signal). Keep it below the scheduler's kill delay (30 s by
+    # default in Kubernetes and SLURM) so the log says what was lost; 0: no limit.
+    c.checkpoint = {"every_steps": 1000, "keep": 3, "preemption_grace_s": 25.0}
     c.evaluator = {"name": "CocoDetectionEvaluator", "save_key": "mAP"}
     c.log = {"interval": 50}
     c.seed = 0

@@ -29,7 +29,7 @@ from nanodet_jax.models import build_model
 from nanodet_jax.models.backbones.pretrained import load_pretrained_for_training
 from nanodet_jax.models.detectors.base import Detector
 from nanodet_jax.testing import array_digest
-from nanodet_jax.training import distributed, trainer
+from nanodet_jax.training import distributed, preemption, trainer
 from nanodet_jax.training.bn_recalibration import recalibrate_batchnorm
 from nanodet_jax.training.optim import build_optimizer, lr_schedule
 from nanodet_jax.training.training_log import TrainingLog
@@ -125,9 +125,23 @@ def train_and_evaluate(
     """Train ``config`` in ``workdir`` (resuming from its latest checkpoint), evaluating
     the EMA weights every ``schedule.val_intervals`` epochs; returns the run's summary.
 
+    SIGTERM / SIGINT stop it after the current step with a checkpoint of that step
+    (``training/preemption.py``); the summary's ``stopped_by`` names the signal.
     Every process of a multi-process run calls this with the same arguments, after
     ``distributed.initialize``.
     """
+    with preemption.StopOnSignal(float(config.checkpoint.preemption_grace_s)) as stop:
+        return _train(config, workdir, stop, max_steps, log_samples, progress_bar)
+
+
+def _train(
+    config: Any,
+    workdir: str,
+    stop: preemption.StopOnSignal,
+    max_steps: int | None,
+    log_samples: bool,
+    progress_bar: bool,
+) -> dict:
     main_process = distributed.is_main_process()
     workdir = os.path.abspath(workdir)
     os.makedirs(workdir, exist_ok=True)
@@ -200,6 +214,15 @@ def train_and_evaluate(
     if config.get("init_from") and start == 0:
         # The starting point's accuracy, so a fine-tuning run shows what it changed.
         history.log_eval(0, 0, evaluate(graphdef, state, config, val_set, 0))
+    saved_step, stopped_by = start, None
+
+    def save(state: Any, epoch: int) -> None:
+        nonlocal saved_step
+        meta = {"epoch": epoch, "best_map": best_map, "name": config.name,
+                "global_batch": global_batch}  # fmt: skip
+        checkpoint.save_train_state(mngr, state, meta)
+        saved_step = int(state.step)
+
     progress = history.progress(total_steps, start)
     pending = None  # metrics of the previous step, checked after the next is dispatched
     t_last, images_since = time.perf_counter(), 0
@@ -225,16 +248,7 @@ def train_and_evaluate(
         progress.update(1)
         end_of_epoch = step_in_epoch == steps_per_epoch - 1
         if done % int(config.checkpoint.every_steps) == 0 or end_of_epoch or done == total_steps:
-            checkpoint.save_train_state(
-                mngr,
-                state,
-                {
-                    "epoch": epoch,
-                    "best_map": best_map,
-                    "name": config.name,
-                    "global_batch": global_batch,
-                },
-            )
+            save(state, epoch)
         val_due = end_of_epoch and (epoch + 1) % int(config.schedule.val_intervals) == 0
         if val_due or done == total_steps:
             stats = evaluate(graphdef, state, config, val_set, epoch + 1)
@@ -247,6 +261,16 @@ def train_and_evaluate(
                 )  # fmt: skip
         if done >= total_steps:
             break
+        if stop.requested(done):
+            if saved_step != done:
+                save(state, epoch)
+            mngr.wait_until_finished()  # the write is complete before the process exits
+            log.warning(
+                f"stopped by {stop.signal_name} after step {done}: its checkpoint is in "
+                f"{os.path.join(mngr.directory, str(done))}"
+            )
+            stopped_by = stop.signal_name
+            break
     if pending is not None:
         history.check_finite(*pending)
     mngr.wait_until_finished()
@@ -256,6 +280,6 @@ def train_and_evaluate(
     summary = {
         "process": jax.process_index(), "final_step": int(state.step), "best_mAP": best_map,
         "params_sha256": array_digest(dict(enumerate(jax.tree.leaves(local_params)))),
-        "workdir": workdir,
+        "workdir": workdir, "stopped_by": stopped_by,
     }  # fmt: skip
     return summary

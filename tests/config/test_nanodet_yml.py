@@ -59,6 +59,7 @@ OURS_ONLY = {
     "test.batch_size",
     "checkpoint.every_steps",
     "checkpoint.keep",
+    "checkpoint.preemption_grace_s",
     "seed",
     "init_bn_recalibration_images",
     "data.train.split",

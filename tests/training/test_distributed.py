@@ -1,14 +1,16 @@
-"""Data parallelism: 8 simulated devices == 1 device, 2 processes x 2 devices train.py,
-checkpoints across topologies. Each scenario runs in subprocesses (device counts are fixed
-when JAX starts)."""
+"""Data parallelism: 8 simulated devices == 1 device, 2 processes x 2 devices train.py
+(stopped together by SIGTERM), checkpoints across topologies. Each scenario runs in
+subprocesses (device counts are fixed when JAX starts)."""
 
 from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -205,40 +207,56 @@ def assert_losses_equal(
 
 
 def test_two_processes_then_one(shapes_data, tmp_path, one_host_reference):
+    """2 processes x 2 devices train as 1 x 4; a SIGTERM to both (a preemption) stops them
+    at one common step with one joint checkpoint, exit 0; it resumes on 1 device."""
     workdir = tmp_path / "run"
-    base = [*dist_args(shapes_data, workdir, 4, 2), "--log_samples"]
+    base = [*dist_args(shapes_data, workdir, 6, 2), "--log_samples"]
     port = free_port()
-    procs = [
-        subprocess.Popen(
-            [sys.executable, *base, "--coordinator", f"127.0.0.1:{port}", "--num_processes", "2",
-             "--process_id", str(i)],
-            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-            env={**os.environ, **XLA_OPS, "PYTHONPATH": REPO,
-                 "XLA_FLAGS": xla_flags(2, train_run=True)},
-        )
-        for i in range(2)
-    ]  # fmt: skip
-    outs = [p.communicate(timeout=TIMEOUT) for p in procs]
-    for p, (_, err) in zip(procs, outs):
+    logs = [tmp_path / f"p{i}.log" for i in range(2)]
+    procs = []
+    for i in range(2):
+        with open(logs[i], "w") as err:  # files: a full stderr pipe would block a process
+            procs.append(subprocess.Popen(
+                [sys.executable, *base, "--coordinator", f"127.0.0.1:{port}",
+                 "--num_processes", "2", "--process_id", str(i)],
+                cwd=REPO, stdout=subprocess.PIPE, stderr=err, text=True,
+                env={**os.environ, **XLA_OPS, "PYTHONPATH": REPO,
+                     "XLA_FLAGS": xla_flags(2, train_run=True)},
+            ))  # fmt: skip
+    # Once jax.distributed is up on a process (XLA's preemption notifier holds SIGTERM from
+    # then on), it is preempted; the processes are still building, so they agree on step 1.
+    for i, p in enumerate(procs):
+        deadline = time.monotonic() + TIMEOUT
+        while f"process {i} of 2" not in logs[i].read_text() and p.poll() is None:
+            assert time.monotonic() < deadline, logs[i].read_text()[-4000:]
+            time.sleep(0.1)
+        p.send_signal(signal.SIGTERM)
+    outs = [p.communicate(timeout=TIMEOUT)[0] for p in procs]
+    errs = [log.read_text() for log in logs]
+    for p, err in zip(procs, errs):
         assert p.returncode == 0, err[-4000:]
-    summaries = [last_json(out) for out, _ in outs]
-    assert summaries[0]["final_step"] == summaries[1]["final_step"] == 4
+    summaries = [last_json(out) for out in outs]
+    stop = summaries[0]["final_step"]
+    assert [s["stopped_by"] for s in summaries] == ["SIGTERM", "SIGTERM"], errs[0][-4000:]
+    assert summaries[1]["final_step"] == stop and 1 <= stop <= 4, summaries
+    assert f"stopped by SIGTERM after step {stop}" in errs[0], errs[0][-4000:]
     assert summaries[0]["params_sha256"] == summaries[1]["params_sha256"]
-    # 2 hosts x 2 devices compute what 1 host x 4 devices does, step by step.
+    # 2 hosts x 2 devices compute what 1 host x 4 devices does (the steps before the stop).
     two_hosts = train_losses(workdir)
-    assert sorted(two_hosts) == [1, 2, 3, 4]
+    assert sorted(two_hosts) == list(range(1, stop + 1))
     assert_losses_equal(two_hosts, one_host_reference, "2 processes x 2 devices vs 1 x 4")
     # Within an epoch no image is seen by both processes (global batch 8 = 2 x 2 x 2).
     seen = []
     for i in range(2):
         records = [json.loads(line) for line in open(workdir / f"samples_p{i}.jsonl")]
+        assert [r["step"] for r in records] == list(range(stop)), i  # both stopped there
         seen.append({r["epoch"]: set() for r in records})
         for r in records:
             seen[i][r["epoch"]].update(r["image_ids"])
     for epoch in seen[0]:
         assert not seen[0][epoch] & seen[1][epoch], epoch
     steps = sorted(int(d) for d in os.listdir(workdir / "checkpoints") if d.isdigit())
-    assert steps and steps[-1] == 4  # one checkpoint per step, written jointly
+    assert steps == [s for s in (3,) if s < stop] + [stop]  # the stop's, written jointly
     # The 2-process checkpoint restores in a single-process run, which trains on exactly
     # as the uninterrupted run did.
     (workdir / "metrics.jsonl").unlink()
@@ -246,7 +264,7 @@ def test_two_processes_then_one(shapes_data, tmp_path, one_host_reference):
     check(single)
     assert "resumed from" in single.stderr and last_json(single.stdout)["final_step"] == 6
     resumed = train_losses(workdir)
-    assert sorted(resumed) == [5, 6]  # step 6 shows the restored momentum
+    assert sorted(resumed) == list(range(stop + 1, 7))  # 2+ steps: the restored momentum
     assert_losses_equal(resumed, one_host_reference, "resumed on 1 device after 2 x 2", RESUME_RTOL)
 
 

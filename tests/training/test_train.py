@@ -1,13 +1,17 @@
-"""train.py end to end on a tiny generated dataset: runs, checkpoints, resumes exactly
-(losses and EMA), keeps the EMA weights in ``best/``, refuses a resume with another global
-batch, stops on a non-finite loss; the quickstart config generates its data and trains."""
+"""train.py end to end on a tiny generated dataset: runs, checkpoints, stops on SIGTERM
+with a checkpoint of its step, resumes exactly (losses and EMA), keeps the EMA weights in
+``best/``, refuses a resume with another global batch, stops on a non-finite loss; the
+quickstart config generates its data and trains."""
 
 from __future__ import annotations
 
 import json
 import os
 import re
-import shutil
+import signal
+import subprocess
+import sys
+import time
 
 import numpy as np
 import pytest
@@ -19,7 +23,7 @@ from nanodet_jax.models import build_model
 from nanodet_jax.testing import SMALL_MODEL_OVERRIDES
 from nanodet_jax.training.training_log import TrainingLog
 from nanodet_jax.weights import checkpoint
-from tests.conftest import config_path
+from tests.conftest import REPO, config_path
 from tests.weights.test_checkpoint import values
 
 STEPS = 7
@@ -47,9 +51,42 @@ def args(shapes, workdir, max_steps: int) -> list[str]:
     ]  # fmt: skip
 
 
-def train_losses(workdir) -> dict[int, float]:
-    records = [json.loads(line) for line in open(workdir / "metrics.jsonl")]
+def train_losses(workdir, partial: bool = False) -> dict[int, float]:
+    """Train losses by step; ``partial``: of a file still being written (its last line
+    may be incomplete)."""
+    lines = open(workdir / "metrics.jsonl").read().split("\n")
+    if partial:
+        lines = lines[:-1]  # everything after the last newline may be cut
+    records = [json.loads(line) for line in lines if line.strip()]
     return {r["step"]: r["loss"] for r in records if r["kind"] == "train"}
+
+
+def logged_steps(workdir) -> list[int]:
+    """The steps of metrics.jsonl's train records, in order (a redone step shows twice)."""
+    records = [json.loads(line) for line in open(workdir / "metrics.jsonl")]
+    return [r["step"] for r in records if r["kind"] == "train"]
+
+
+def train_until_signalled(
+    argv: list[str], workdir, log_path, after_step: int = 1
+) -> tuple[int, str, str]:
+    """Run train.py in a subprocess and SIGTERM it once metrics.jsonl has ``after_step``;
+    its exit status, stdout and stderr."""
+    env = {**os.environ, "PYTHONPATH": REPO}  # conftest's XLA cache: the program loads
+    with open(log_path, "w") as log_file:  # a file: a full stderr pipe would block it
+        proc = subprocess.Popen([sys.executable, "train.py", *argv], cwd=REPO, env=env,
+                                stdout=subprocess.PIPE, stderr=log_file, text=True)  # fmt: skip
+        deadline = time.monotonic() + 900
+        while proc.poll() is None and time.monotonic() < deadline:
+            if (
+                os.path.exists(workdir / "metrics.jsonl")
+                and max(train_losses(workdir, partial=True), default=0) >= after_step
+            ):
+                proc.send_signal(signal.SIGTERM)
+                break
+            time.sleep(0.05)
+        out, _ = proc.communicate(timeout=900)
+    return proc.returncode, out, open(log_path).read()
 
 
 def weights(workdir, config, directory: str, **kw) -> dict[str, np.ndarray]:
@@ -69,20 +106,23 @@ def test_resume_continues_exactly(shapes, tmp_path):
     assert any(r["kind"] == "eval" for r in evals)  # the final step evaluated the EMA
     assert (full / "curves.png").exists() and (full / "best").is_dir()
 
-    # An interrupted run: only its step-3 checkpoint survived. Its files up to step 3 are
-    # the full run's (a run is deterministic; the bitwise losses below show it), so the
-    # full run's directory without the later checkpoints, log and best/ is that run.
+    # An interrupted run: train.py gets SIGTERM (a preemption) once it has logged step 1;
+    # it finishes its step, writes that step's checkpoint and exits 0.
     part = tmp_path / "part"
-    shutil.copytree(full, part)
-    for step_dir in (part / "checkpoints").iterdir():
-        if step_dir.name.isdigit() and int(step_dir.name) > 3:
-            shutil.rmtree(step_dir)
-    shutil.rmtree(part / "best")
-    (part / "metrics.jsonl").unlink()
-    train_cli.main(args(shapes, part, STEPS))  # resumes at step 3
-    resumed = train_losses(part)
-    assert sorted(resumed) == list(range(4, STEPS + 1))
-    for step, loss in resumed.items():
+    status, out, err = train_until_signalled(args(shapes, part, STEPS), part, tmp_path / "log")
+    assert status == 0, err[-4000:]
+    stopped = json.loads(out.strip().splitlines()[-1])
+    stop_step = stopped["final_step"]
+    assert stopped["stopped_by"] == "SIGTERM" and 1 <= stop_step < STEPS, (stopped, err[-4000:])
+    assert f"stopped by SIGTERM after step {stop_step}" in err, err[-4000:]
+    assert "to resume, run the same command" in err, err[-4000:]
+    saved = sorted(int(d.name) for d in (part / "checkpoints").iterdir() if d.name.isdigit())
+    assert saved == sorted({s for s in (3, stop_step) if s <= stop_step}), saved  # 3: periodic
+    assert not (part / "best").exists()  # no evaluation was due
+    assert logged_steps(part) == list(range(1, stop_step + 1))
+    train_cli.main(args(shapes, part, STEPS))  # the same command resumes after stop_step
+    assert logged_steps(part) == list(range(1, STEPS + 1))  # each step once: no step redone
+    for step, loss in train_losses(part).items():  # the interrupted run's, then the resumed
         assert loss == reference[step], (step, loss, reference[step])
 
     # The EMA came back with the resume (it is not re-seeded from the weights), and
