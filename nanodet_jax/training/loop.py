@@ -29,7 +29,7 @@ from nanodet_jax.models import build_model
 from nanodet_jax.models.backbones.pretrained import load_pretrained_for_training
 from nanodet_jax.models.detectors.base import Detector
 from nanodet_jax.testing import array_digest
-from nanodet_jax.training import distributed, preemption, trainer
+from nanodet_jax.training import distributed, fault_injection, preemption, trainer
 from nanodet_jax.training.bn_recalibration import recalibrate_batchnorm
 from nanodet_jax.training.optim import build_optimizer, lr_schedule
 from nanodet_jax.training.training_log import TrainingLog
@@ -99,14 +99,18 @@ def recalibrate_bn(model: Detector, config: Any, dataset: CocoDetection, num_ima
     recalibrate_batchnorm(model, batches)
 
 
-def evaluate(graphdef: Any, state: Any, config: Any, val: CocoDetection, epoch: int) -> dict:
-    """COCO mAP of the EMA weights on the val set, the images split over processes."""
+def evaluate(
+    graphdef: Any, state: Any, config: Any, val: CocoDetection, epoch: int, kill_step: int = -1
+) -> dict:
+    """COCO mAP of the EMA weights on the val set, the images split over processes
+    (``kill_step``: the step a fault-injection test names, training/fault_injection.py)."""
     # A process-local copy of the replicated EMA weights: prediction runs on local devices.
     local_ema = distributed.local_copy(state.ema)
     predictor = Predictor(trainer.merge_for_eval(graphdef, local_ema), config)
     results = coco_eval.predict_dataset_all_hosts(
         predictor, val.records, int(config.test.batch_size), progress=False
     )
+    fault_injection.kill_point("eval", kill_step)
     evaluate_fn = evaluator_from_config(config)
     metrics = evaluate_fn(val, coco_eval.to_coco_json(results, val.cat_ids), val.class_names)
     stats = metrics["stats"]
@@ -184,7 +188,7 @@ def _train(
     best_map = -1.0  # of best_stat, evaluator.save_key's metric (NanoDet's default: mAP)
     best_stat = coco_eval.save_key_stat((config.get("evaluator") or {}).get("save_key", "mAP"))
     if mngr.latest_step() is not None:
-        state, meta = checkpoint.restore_train_state(mngr, state)
+        state, meta = checkpoint.restore_latest_train_state(mngr, state)
         best_map = float(meta.get("best_map", -1.0))
         if meta.get("global_batch", global_batch) != global_batch:
             raise SystemExit(
@@ -196,6 +200,7 @@ def _train(
         log.info(f"resumed from {mngr.directory} at step {int(state.step)}")
     start = int(state.step)
     start_epoch, start_in_epoch = divmod(start, steps_per_epoch)
+    history.resume_at(start)  # a killed run's records after its last checkpoint are redone
 
     steps = {}  # one compiled program per training phase (NanoDet-Plus: the two AGM phases)
 
@@ -234,6 +239,7 @@ def _train(
             record_samples(workdir, step, epoch, local_batch["image_id"])
         batch = distributed.global_batch(trainer.batch_from_host(local_batch), mesh)
         state, metrics = train_step(phase_of_epoch(epoch))(state, batch)
+        fault_injection.kill_point("step", step + 1)
         if pending is not None:
             history.check_finite(*pending)
         pending = (step + 1, epoch, metrics)
@@ -247,11 +253,12 @@ def _train(
             history.log_train(done, epoch, values)
         progress.update(1)
         end_of_epoch = step_in_epoch == steps_per_epoch - 1
-        if done % int(config.checkpoint.every_steps) == 0 or end_of_epoch or done == total_steps:
-            save(state, epoch)
         val_due = end_of_epoch and (epoch + 1) % int(config.schedule.val_intervals) == 0
+        # Evaluation, then best/, then the checkpoint whose meta records the best mAP: a
+        # run killed before the checkpoint redoes the steps since the previous one and the
+        # evaluation (deterministically), so no evaluation is skipped and no record is stale.
         if val_due or done == total_steps:
-            stats = evaluate(graphdef, state, config, val_set, epoch + 1)
+            stats = evaluate(graphdef, state, config, val_set, epoch + 1, kill_step=done)
             history.log_eval(done, epoch + 1, stats)
             if stats[best_stat] > best_map:
                 best_map = stats[best_stat]
@@ -259,6 +266,9 @@ def _train(
                     os.path.join(workdir, "best"), trainer.merge_for_eval(graphdef, state.ema),
                     config, step=done, keep=1,
                 )  # fmt: skip
+        if done % int(config.checkpoint.every_steps) == 0 or end_of_epoch or done == total_steps:
+            save(state, epoch)
+            fault_injection.kill_point("checkpoint", done)
         if done >= total_steps:
             break
         if stop.requested(done):

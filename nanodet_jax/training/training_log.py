@@ -20,6 +20,7 @@ class TrainingLog:
         self.enabled = enabled
         self.progress_bar = progress_bar
         self.records: list[dict] = []
+        self._damaged = False  # metrics.jsonl has lines that were dropped on reading
         self._bar = None
         self._tb = None
         if not enabled:
@@ -27,14 +28,50 @@ class TrainingLog:
         os.makedirs(workdir, exist_ok=True)
         self.path = os.path.join(workdir, "metrics.jsonl")
         if os.path.exists(self.path):  # a resumed run keeps its history
-            with open(self.path) as f:
-                self.records = [json.loads(line) for line in f if line.strip()]
+            self.records = self._read_records()
         try:
             from tensorboardX import SummaryWriter
 
             self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
         except ImportError:  # pragma: no cover - tensorboardX is a dependency
             log.warning("tensorboardX not installed: no TensorBoard logs")
+
+    def _read_records(self) -> list[dict]:
+        """The records of an existing metrics.jsonl; a last line cut short by a killed run
+        is dropped (every complete line ends with a newline)."""
+        with open(self.path) as f:
+            text = f.read()
+        lines = text.split("\n")
+        if lines and lines[-1].strip():
+            log.warning(f"{self.path}: dropping an incomplete last record (a killed run)")
+            self._damaged = True
+        records = []
+        for number, line in enumerate(lines[:-1], 1):
+            if line.strip():
+                try:
+                    records.append(json.loads(line))
+                except json.JSONDecodeError:
+                    self._damaged = True
+                    log.warning(f"{self.path}:{number}: dropping an unreadable record")
+        return records
+
+    def resume_at(self, step: int) -> None:
+        """Keep only the history up to ``step``, the checkpoint training resumes from: what a
+        killed run logged after its last checkpoint is redone, so it is logged once, anew."""
+        if not self.enabled:
+            return
+        kept = [r for r in self.records if r.get("step", 0) <= step]
+        if len(kept) == len(self.records) and not self._damaged:
+            return
+        if len(kept) < len(self.records):
+            since = f"the checkpoint of step {step}" if step else "the start (no checkpoint)"
+            log.info(f"{self.path}: dropping {len(self.records) - len(kept)} records of steps "
+                     f"after {since}: they are redone")  # fmt: skip
+        self.records = kept
+        tmp = self.path + ".tmp"
+        with open(tmp, "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in kept)
+        os.replace(tmp, self.path)  # atomic: a kill now leaves the old file or the new one
 
     def progress(self, total: int, initial: int):
         from tqdm import tqdm
@@ -47,17 +84,20 @@ class TrainingLog:
 
     @staticmethod
     def check_finite(step: int, epoch: int, metrics: dict) -> dict[str, float]:
-        """Host values of a step's metrics; a NaN/Inf loss stops training with the terms named."""
+        """Host values of a step's metrics; a NaN/Inf loss or gradient norm stops training
+        with the terms named. (The gradient too: once the weights overflow, losses can read
+        0, not NaN: no box is assigned to a NaN prediction, and the masked terms vanish.)"""
         values = {k: float(v) for k, v in jax.device_get(metrics).items()}
         bad = [
             k
             for k, v in values.items()
-            if k.startswith(("loss", "aux_loss")) and not math.isfinite(v)
+            if k.startswith(("loss", "aux_loss", "grad_norm")) and not math.isfinite(v)
         ]
         if bad:
             terms = ", ".join(f"{k}={v:.4g}" for k, v in values.items())
             raise FloatingPointError(
-                f"non-finite loss at step {step} (epoch {epoch + 1}): {', '.join(bad)} "
+                f"non-finite loss or gradient at step {step} (epoch {epoch + 1}): "
+                f"{', '.join(bad)} "
                 f"[{terms}]; lower the lr, check the data (degenerate boxes?) or resume from "
                 "the last checkpoint"
             )

@@ -18,10 +18,12 @@ import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
 
+from nanodet_jax.errors import UserError
 from nanodet_jax.weights.pytorch import WeightMismatchError
 
 log = logging.getLogger("nanodet_jax")
 FORMAT_VERSION = 1
+TMP_SUFFIX = ".orbax-checkpoint-tmp"  # orbax's name for a step directory still being written
 
 
 def _is_key(x: Any) -> bool:
@@ -183,16 +185,43 @@ TRAIN_ITEMS = {**WEIGHT_ITEMS, "opt_state": ocp.StandardCheckpointHandler}
 
 
 def train_manager(directory: str | os.PathLike, keep: int) -> ocp.CheckpointManager:
-    """Keeps the last ``keep`` training checkpoints; saves asynchronously."""
+    """Keeps the last ``keep`` training checkpoints; saves asynchronously. A write a killed
+    run left unfinished (orbax's ``<step>.orbax-checkpoint-tmp-*``) is never a step to
+    resume from; it is named and removed here."""
+    directory = os.path.abspath(directory)
+    if jax.process_index() == 0 and os.path.isdir(directory):
+        for name in sorted(os.listdir(directory)):
+            if TMP_SUFFIX in name:
+                log.warning(f"removing {os.path.join(directory, name)}: an unfinished "
+                            "checkpoint write (the run that wrote it was killed)")  # fmt: skip
     opts = ocp.CheckpointManagerOptions(
-        max_to_keep=keep, create=True, enable_async_checkpointing=True
-    )
+        max_to_keep=keep, create=True, enable_async_checkpointing=True,
+        cleanup_tmp_directories=True,
+    )  # fmt: skip
     handlers = {name: handler() for name, handler in TRAIN_ITEMS.items()}
     return ocp.CheckpointManager(os.path.abspath(directory), options=opts, item_handlers=handlers)
 
 
+def train_state_digest(state: Any) -> str:
+    """SHA-256 of everything a training checkpoint holds (weights, BatchNorm statistics,
+    EMA, optimizer state): a restored state that differs by one bit is caught."""
+    from nanodet_jax.testing import array_digest
+
+    trees = {
+        "model": nnx.to_pure_dict(nnx.merge_state(state.params, state.model_state)),
+        "ema": nnx.to_pure_dict(state.ema),
+        "opt_state": state.opt_state,
+    }
+    leaves = jax.tree_util.tree_flatten_with_path(_keys_to_data(trees))[0]
+    return array_digest(
+        {jax.tree_util.keystr(path): np.asarray(a.addressable_data(0)) for path, a in leaves}
+    )
+
+
 def save_train_state(mngr: ocp.CheckpointManager, state: Any, meta: dict) -> None:
-    """Save a ``trainer.TrainState`` (weights, EMA, optimizer) at its step, plus ``meta``."""
+    """Save a ``trainer.TrainState`` (weights, EMA, optimizer) at its step, plus ``meta``
+    (to which the state's digest is added, checked on restore)."""
+    meta = {**meta, "state_sha256": train_state_digest(state)}
     model = nnx.to_pure_dict(nnx.merge_state(state.params, state.model_state))
     mngr.save(
         int(jax.device_get(state.step)),
@@ -251,7 +280,39 @@ def restore_train_state(mngr: ocp.CheckpointManager, template: Any, step: int | 
         opt_state=restored["opt_state"],
         ema=ema,
     )
-    return state, dict(restored["meta"] or {})
+    meta = dict(restored["meta"] or {})
+    if "state_sha256" in meta and train_state_digest(state) != meta["state_sha256"]:
+        raise CorruptCheckpointError(
+            f"{mngr.directory} step {step}: the restored state's digest differs from the "
+            "one written with it (damaged files)"
+        )
+    return state, meta
+
+
+class CorruptCheckpointError(UserError, RuntimeError):
+    """A training checkpoint whose files are incomplete, unreadable or damaged."""
+
+
+def restore_latest_train_state(mngr: ocp.CheckpointManager, template: Any) -> tuple:
+    """(state, meta) of the newest training checkpoint that restores whole; a partial or
+    damaged newer one is skipped with a warning naming it. A checkpoint of another model
+    (:class:`WeightMismatchError`) is the user's error and is raised, not skipped."""
+    steps = sorted(mngr.all_steps(), reverse=True)
+    for step in steps:
+        try:
+            return restore_train_state(mngr, template, step)
+        except WeightMismatchError:
+            raise
+        except Exception as e:  # orbax / tensorstore raise many types for damaged files
+            reason = str(e).strip().splitlines()[0][:300] if str(e).strip() else ""
+            log.warning(
+                f"checkpoint {os.path.join(str(mngr.directory), str(step))} cannot be "
+                f"restored ({type(e).__name__}: {reason}); using the previous one"
+            )
+    raise CorruptCheckpointError(
+        f"{mngr.directory}: none of its checkpoints (steps {steps}) can be restored; "
+        "move the directory away to train from the start"
+    )
 
 
 def _check_shapes(saved: dict, wanted: dict, where: Any, item: str) -> None:
