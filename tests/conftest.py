@@ -103,7 +103,19 @@ def m_config():
     return load_config(config_path("nanodet_plus_m.py"))
 
 
+def pytest_addoption(parser):
+    parser.addoption(
+        "--kill-suite", action="store_true",
+        help="also run all seeds of the random kill -9 suite (tests/training/test_kill.py)",
+    )  # fmt: skip
+
+
 def pytest_collection_modifyitems(config, items):
+    if not config.getoption("--kill-suite"):
+        skip_kills = pytest.mark.skip(reason="the random kill -9 suite runs with --kill-suite")
+        for item in items:
+            if "kill_suite" in item.keywords:
+                item.add_marker(skip_kills)
     # torch-dependent tests skip cleanly when the optional extra is not installed
     # (under CI, which installs it, its absence stops the run instead).
     try:

@@ -165,28 +165,16 @@ LOSS_RTOL = 1e-4
 RESUME_RTOL = 2e-3
 
 
-# The train.py runs use a small legacy NanoDet (OneStageDetector, NanoDetHead + ATSS;
-# test_train's SMALL_MODEL_OVERRIDES narrow it as they narrow NanoDet-Plus) with an EMA
-# (its recipe has none): topology handling is generic over the detector, and each topology
-# and batch is its own program, whose compile is less than half NanoDet-Plus's (63 vs
-# 147 s measured on a loaded 2-core machine). NanoDet-Plus's step, aux head included, is
-# the one test_eight_devices_equal_one_device compares across topologies.
-LEGACY_EMA = "--config.model.weight_averager={'name': 'ExpMovingAverager', 'decay': 0.9998}"
-
-
+# The train.py runs are test_train's runs on its small legacy NanoDet (with an EMA):
+# topology handling is generic over the detector, and each topology and batch is its own
+# program, whose compile is less than half NanoDet-Plus's (63 vs 147 s measured on a
+# loaded 2-core machine). NanoDet-Plus's step, aux head included, is the one
+# test_eight_devices_equal_one_device compares across topologies.
 def dist_args(data, workdir, max_steps: int, batch: int) -> list[str]:
-    """train.py arguments: test_train's tiny run, on the small legacy model, with
-    ``batch`` images per device."""
-    args = []
-    for a in train_args(data, workdir, max_steps):
-        if "aux_head" in a or "detach_epoch" in a or "lr_schedule" in a:
-            continue  # NanoDet-Plus's fields (the legacy recipe: MultiStepLR, one phase)
-        args.append(
-            a.replace("nanodet_plus_m.py", os.path.join("legacy", "nanodet_m.py")).replace(
-                "batch_size_per_device=4", f"batch_size_per_device={batch}"
-            )
-        )
-    return ["train.py", *args, LEGACY_EMA, SGD]
+    """train.py arguments: test_train's tiny run with ``batch`` images per device."""
+    args = [a.replace("batch_size_per_device=4", f"batch_size_per_device={batch}")
+            for a in train_args(data, workdir, max_steps)]  # fmt: skip
+    return ["train.py", *args, SGD]
 
 
 @pytest.fixture(scope="module")

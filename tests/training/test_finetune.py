@@ -18,7 +18,7 @@ from nanodet_jax.training import loop
 from nanodet_jax.weights import checkpoint
 from nanodet_jax.weights.pytorch import torch_state_dict
 from tests.conftest import config_path
-from tests.training.test_train import args as train_args
+from tests.training.test_train import plus_args as train_args
 from tests.weights.test_checkpoint import values
 from tests.weights.test_convert import random_weights
 

@@ -66,3 +66,34 @@ def test_missing_directory(tmp_path, small_model):
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match="no orbax checkpoint steps"):
         checkpoint.restore_weights(tmp_path / "empty", small_model)
+
+
+def test_training_checkpoint_digest_catches_changed_data(tmp_path, small_config, caplog):
+    """A training checkpoint carries its state's SHA-256: a restore that does not give those
+    exact bytes is refused, and resuming falls back to the previous step (test_kill.py
+    damages real files). Here step 2's recorded digest is altered, as changed array bytes
+    that still decode would make it."""
+    import os
+
+    _, state = trainer.create_train_state(build_model(small_config, seed=1), optax.sgd(0.1))
+    mngr = checkpoint.train_manager(tmp_path / "ckpt", keep=2)
+    for step in (1, 2):
+        checkpoint.save_train_state(mngr, state.replace(step=step), {"epoch": 0})
+    mngr.wait_until_finished()
+    digest = checkpoint.train_state_digest(state)
+    edited = 0
+    for root, _, files in os.walk(tmp_path / "ckpt" / "2"):
+        for name in files:
+            path = os.path.join(root, name)
+            text = open(path, "rb").read()
+            if digest.encode() in text:
+                open(path, "wb").write(text.replace(digest.encode(), b"0" * len(digest)))
+                edited += 1
+    assert edited == 1
+    with pytest.raises(checkpoint.CorruptCheckpointError, match="step 2: the restored state's"):
+        checkpoint.restore_train_state(mngr, state, 2)
+    restored, _ = checkpoint.restore_latest_train_state(mngr, state)
+    assert int(restored.step) == 1
+    assert checkpoint.train_state_digest(restored) == digest
+    assert f"{tmp_path / 'ckpt' / '2'} cannot be restored" in caplog.text
+    mngr.close()
