@@ -57,6 +57,32 @@ def record_samples(workdir: str, step: int, epoch: int, image_ids: np.ndarray) -
         f.write(json.dumps({"step": step, "epoch": epoch, "image_ids": image_ids.tolist()}) + "\n")
 
 
+def evaluated_steps(workdir: str) -> set[int]:
+    """Steps whose evaluation metrics.jsonl records (read by every process: the decision
+    to evaluate on resume must be the same on all of them)."""
+    path = os.path.join(workdir, "metrics.jsonl")
+    if not os.path.exists(path):
+        return set()
+    steps = set()
+    with open(path) as f:
+        for line in f:
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:  # a line cut short by a killed run
+                continue
+            if record.get("kind") == "eval":
+                steps.add(int(record["step"]))
+    return steps
+
+
+def best_record(workdir: str) -> float:
+    """The metric ``best/`` was written with (-1 if none)."""
+    best = os.path.join(workdir, "best")
+    if not os.path.isdir(best):
+        return -1.0
+    return float(checkpoint.read_meta(best).get("best_map", -1.0))
+
+
 def make_synthetic_data(spec: Any) -> None:
     """Write the generated dataset a config asks for (configs/quickstart.py) once."""
     from nanodet_jax.data.synthetic import write_dataset
@@ -189,7 +215,8 @@ def _train(
     best_stat = coco_eval.save_key_stat((config.get("evaluator") or {}).get("save_key", "mAP"))
     if mngr.latest_step() is not None:
         state, meta = checkpoint.restore_latest_train_state(mngr, state)
-        best_map = float(meta.get("best_map", -1.0))
+        # best/ may be newer than the checkpoint's record (written after it).
+        best_map = max(float(meta.get("best_map", -1.0)), best_record(workdir))
         if meta.get("global_batch", global_batch) != global_batch:
             raise SystemExit(
                 f"error: {mngr.directory} was written with a global batch of "
@@ -220,6 +247,30 @@ def _train(
         # The starting point's accuracy, so a fine-tuning run shows what it changed.
         history.log_eval(0, 0, evaluate(graphdef, state, config, val_set, 0))
     saved_step, stopped_by = start, None
+
+    def evaluate_and_keep_best(state: Any, done: int) -> None:
+        nonlocal best_map
+        epoch = (done - 1) // steps_per_epoch + 1  # the epoch the step belongs to, from 1
+        stats = evaluate(graphdef, state, config, val_set, epoch, kill_step=done)
+        history.log_eval(done, epoch, stats)
+        if stats[best_stat] > best_map:
+            best_map = stats[best_stat]
+            checkpoint.save_weights(
+                os.path.join(workdir, "best"), trainer.merge_for_eval(graphdef, state.ema),
+                config, step=done, keep=1, extra_meta={"best_map": best_map},
+            )  # fmt: skip
+
+    def evaluation_due(done: int) -> bool:
+        epochs_done, in_epoch = divmod(done, steps_per_epoch)
+        end_of_epoch = in_epoch == 0 and epochs_done > 0
+        val_due = end_of_epoch and epochs_done % int(config.schedule.val_intervals) == 0
+        return val_due or done == total_steps
+
+    if start and evaluation_due(start) and start not in evaluated_steps(workdir):
+        # The run stopped (killed, or out of grace) after this step's checkpoint and
+        # before its evaluation finished: done now, so no evaluation and no best/ is missed.
+        log.info(f"the evaluation after step {start} did not finish: running it now")
+        evaluate_and_keep_best(state, start)
 
     def save(state: Any, epoch: int) -> None:
         nonlocal saved_step
@@ -253,22 +304,13 @@ def _train(
             history.log_train(done, epoch, values)
         progress.update(1)
         end_of_epoch = step_in_epoch == steps_per_epoch - 1
-        val_due = end_of_epoch and (epoch + 1) % int(config.schedule.val_intervals) == 0
-        # Evaluation, then best/, then the checkpoint whose meta records the best mAP: a
-        # run killed before the checkpoint redoes the steps since the previous one and the
-        # evaluation (deterministically), so no evaluation is skipped and no record is stale.
-        if val_due or done == total_steps:
-            stats = evaluate(graphdef, state, config, val_set, epoch + 1, kill_step=done)
-            history.log_eval(done, epoch + 1, stats)
-            if stats[best_stat] > best_map:
-                best_map = stats[best_stat]
-                checkpoint.save_weights(
-                    os.path.join(workdir, "best"), trainer.merge_for_eval(graphdef, state.ema),
-                    config, step=done, keep=1,
-                )  # fmt: skip
+        # The checkpoint first (a preemption during a long evaluation keeps the epoch's
+        # steps); a run that stops before the evaluation ends redoes it on resume (above).
         if done % int(config.checkpoint.every_steps) == 0 or end_of_epoch or done == total_steps:
             save(state, epoch)
             fault_injection.kill_point("checkpoint", done)
+        if evaluation_due(done):
+            evaluate_and_keep_best(state, done)
         if done >= total_steps:
             break
         if stop.requested(done):

@@ -88,16 +88,16 @@ def save_weights(
     config: Any,
     step: int = 0,
     keep: int | None = None,
+    extra_meta: dict | None = None,
 ) -> None:
     """Write ``model``'s weights as step ``step`` of an orbax checkpoint directory
-    (keeping the newest ``keep`` steps; all by default)."""
+    (keeping the newest ``keep`` steps; all by default); ``extra_meta`` joins its meta."""
     mngr = manager(directory, max_to_keep=keep)
     state = _keys_to_data(nnx.to_pure_dict(nnx.state(model)))
+    meta = {**model_meta(config), **(extra_meta or {})}
     mngr.save(
         step,
-        args=ocp.args.Composite(
-            model=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(model_meta(config))
-        ),
+        args=ocp.args.Composite(model=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),
     )
     mngr.wait_until_finished()
     mngr.close()
@@ -141,6 +141,18 @@ def restore_weights(
     mngr.close()
     log.info(f"restored {item} weights from {directory} step {step}")
     return dict(restored["meta"] or {})
+
+
+def read_meta(directory: str | os.PathLike, step: int | None = None) -> dict:
+    """The ``meta`` item of a checkpoint directory's latest (or ``step``) step; no arrays."""
+    mngr = manager(os.path.abspath(directory))
+    step = mngr.latest_step() if step is None else step
+    if step is None:
+        mngr.close()
+        raise FileNotFoundError(f"{directory}: contains no orbax checkpoint steps")
+    meta = mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+    mngr.close()
+    return dict(meta or {})
 
 
 def saved_weight_names(
