@@ -110,7 +110,20 @@ def pytest_addoption(parser):
     )  # fmt: skip
 
 
+# The longest files (train.py runs, several-program fixtures), started first: with two
+# xdist workers (README's command) a long test picked up last would run alone at the end.
+LONG_FIRST = (
+    "tests/training/test_distributed.py", "tests/training/test_train.py",
+    "tests/training/test_kill.py", "tests/training/test_grad_precision.py",
+    "tests/losses/test_assigner_losses.py", "tests/models/test_pretrained.py",
+    "tests/training/test_finetune.py", "tests/training/test_trainer.py",
+    "tests/models/test_fcos_train.py", "tests/cli/test_fcos_cli.py",
+)  # fmt: skip
+
+
 def pytest_collection_modifyitems(config, items):
+    rank = {path: i for i, path in enumerate(LONG_FIRST)}
+    items.sort(key=lambda item: rank.get(item.nodeid.split("::")[0], len(rank)))  # stable
     if not config.getoption("--kill-suite"):
         skip_kills = pytest.mark.skip(reason="the random kill -9 suite runs with --kill-suite")
         for item in items:
