@@ -1,6 +1,6 @@
-"""Data parallelism: 8 simulated devices == 1 device, 2 processes x 2 devices train.py
-(stopped together by SIGTERM), checkpoints across topologies. Each scenario runs in
-subprocesses (device counts are fixed when JAX starts)."""
+"""Data parallelism: 8 simulated devices == 1 device (and its checkpoint continues on 1),
+2 processes x 2 devices train.py (stopped together by SIGTERM, resumed on 1 device).
+Each scenario runs in subprocesses (device counts are fixed when JAX starts)."""
 
 from __future__ import annotations
 
@@ -34,7 +34,8 @@ XLA_OPS = {"NANODET_JAX_DEPTHWISE": "lax", "NANODET_JAX_CONV3X3": "lax"}
 # The train.py runs check topology handling (sharding, collectives, checkpoints), not
 # XLA's code generation: LLVM at -O0 compiles their steps ~40% faster (NanoDet-Plus's:
 # 69 vs 118 s measured on a loaded 2-core machine), and every run compared is built alike.
-# The 8-vs-1 gradient equivalence keeps the default level.
+# The 8-vs-1 gradient equivalence keeps the default level: at -O0 its gradients differ
+# by 1.3e-3 (L2) across topologies instead of 5e-6 (measured).
 TRAIN_RUN_FLAGS = "--xla_backend_optimization_level=0"
 
 
@@ -62,8 +63,9 @@ EQUIVALENCE = r"""
 from nanodet_jax import runtime
 runtime.configure_xla()  # the entry points' XLA settings, as train.py runs with
 runtime.enable_compilation_cache()  # the session's cache (conftest), as train.py
-import json, jax, jax.numpy as jnp, numpy as np, optax
+import json, tempfile, jax, jax.numpy as jnp, numpy as np, optax
 from nanodet_jax.training import distributed, trainer
+from nanodet_jax.weights import checkpoint
 from nanodet_jax.config.loading import load_config
 from nanodet_jax.models import build_model
 from nanodet_jax.testing import SMALL_MODEL_OVERRIDES
@@ -87,12 +89,15 @@ def sgd_keeping_gradient():
         lambda params: jax.tree.map(jnp.zeros_like, params),
         lambda grads, state, params=None: (jax.tree.map(lambda g: -LR * g, grads), grads))
 flat = lambda tree: [np.asarray(x, np.float64).ravel().tolist() for x in jax.tree.leaves(tree)]
+ckpt_dir = tempfile.mkdtemp()
 result = {}
 for name, devices in (("8", jax.devices()), ("1", jax.devices()[:1])):
     mesh = distributed.data_mesh(devices)
     tx = sgd_keeping_gradient()
-    graphdef, state = trainer.create_train_state(build_model(config, seed=0), tx)
-    state = jax.device_put(state, distributed.replicated(mesh))
+    def fresh_state():
+        graphdef, state = trainer.create_train_state(build_model(config, seed=0), tx)
+        return graphdef, jax.device_put(state, distributed.replicated(mesh))
+    graphdef, state = fresh_state()
     step = trainer.jit_train_step(graphdef, tx, config, mesh, phase="joint")
     gb = jax.device_put(batch, distributed.batch_sharded(mesh))
     runs = []
@@ -101,6 +106,17 @@ for name, devices in (("8", jax.devices()), ("1", jax.devices()[:1])):
         runs.append({"loss": float(metrics["loss"]), "grad_norm": float(metrics["grad_norm"]),
                      "grads": flat(state.opt_state), "stats": flat(state.model_state)})
     result[name] = runs
+    mngr = checkpoint.train_manager(ckpt_dir, keep=1)
+    if name == "8":  # the 8-device state after 2 steps, written from 8 devices ...
+        checkpoint.save_train_state(mngr, state, {"devices": 8})
+        mngr.wait_until_finished()
+        result["third_on_8"] = float(step(state, gb)[1]["loss"])
+    else:  # ... restored onto 1 device (digest-checked) takes the same third step there
+        restored, meta = checkpoint.restore_train_state(mngr, fresh_state()[1])
+        devices_of = {d for x in jax.tree.leaves(restored.params) for d in x.sharding.device_set}
+        result["resume"] = {"devices": len(devices_of), "meta": meta["devices"],
+                            "third_on_1": float(step(restored, gb)[1]["loss"])}
+    mngr.close()
 print(json.dumps(result))
 """
 
@@ -136,6 +152,13 @@ def test_eight_devices_equal_one_device():
     g1_stats, g8_stats = _concat(one["stats"]), _concat(eight["stats"])
     np.testing.assert_allclose(g8_stats, g1_stats, rtol=1e-4, atol=1e-5 * np.abs(g1_stats).max())
     assert eight_next["loss"] == pytest.approx(one_next["loss"], rel=1e-5)
+    # The 8-device checkpoint restores onto 1 device (its SHA-256 checked on restore), and
+    # the next step there is the one the 8 devices take (2 x 2 processes -> 1 device
+    # through train.py, data position included: test_two_processes_then_one). (Against the
+    # 1-device run's own third step it is 2.5e-4 off: the two runs' float noise, grown.)
+    resume = res["resume"]
+    assert resume["devices"] == 1 and resume["meta"] == 8
+    assert resume["third_on_1"] == pytest.approx(res["third_on_8"], rel=1e-6)
 
 
 @pytest.fixture(scope="module")
@@ -254,20 +277,3 @@ def test_two_processes_then_one(shapes_data, tmp_path, one_host_reference):
     resumed = train_losses(workdir)
     assert sorted(resumed) == list(range(stop + 1, 7))  # 2+ steps: the restored momentum
     assert_losses_equal(resumed, one_host_reference, "resumed on 1 device after 2 x 2", RESUME_RTOL)
-
-
-def test_eight_device_checkpoint_continues_on_one(shapes_data, tmp_path, one_host_reference):
-    workdir = tmp_path / "run8"
-    eight = run(dist_args(shapes_data, workdir, 2, 1), devices=8)
-    check(eight)
-    assert_losses_equal(train_losses(workdir), one_host_reference, "8 devices vs 4")
-    (workdir / "metrics.jsonl").unlink()
-    one = run(dist_args(shapes_data, workdir, 3, 8), devices=1)
-    check(one)
-    assert "resumed from" in one.stderr and last_json(one.stdout)["final_step"] == 3
-    resumed = train_losses(workdir)
-    # One resumed step (weights, BN statistics, data position). Not yet a second: the first
-    # update after this 8 -> 1 resume moves the loss 1.2% off the reference (2x2 -> 1:
-    # 1.8e-4), unexplained so far; a lost momentum buffer moves it 11%.
-    assert sorted(resumed) == [3]
-    assert_losses_equal(resumed, one_host_reference, "resumed on 1 device after 8", RESUME_RTOL)

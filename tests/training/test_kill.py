@@ -138,6 +138,24 @@ def test_damaged_latest_checkpoint_falls_back_to_the_previous(shapes, uninterrup
     assert_same_as_uninterrupted(workdir, uninterrupted_run, log_path)
 
 
+def test_evaluation_cut_short_is_run_on_resume(shapes, uninterrupted_run, tmp_path):
+    """Killed during the final evaluation after step 7's checkpoint had become complete
+    (the state the named kill above reaches when the write wins the race): the restart
+    trains nothing and runs the missing evaluation, best/ included."""
+    workdir = tmp_path / "cut"
+    shutil.copytree(uninterrupted_run[0], workdir)
+    shutil.rmtree(workdir / "best")
+    lines = open(workdir / "metrics.jsonl").read().splitlines()
+    kept = [line for line in lines if json.loads(line)["kind"] != "eval"]
+    assert len(kept) == len(lines) - 1  # the uninterrupted run evaluated once, after step 7
+    open(workdir / "metrics.jsonl", "w").write("\n".join(kept) + "\n")
+    log_path = tmp_path / "resumed.log"
+    assert run_to_end(args(shapes, workdir, STEPS), log_path) == 0, open(log_path).read()[-3000:]
+    text = open(log_path).read()
+    assert "the evaluation after step 7 did not finish: running it now" in text, text[-3000:]
+    assert_same_as_uninterrupted(workdir, uninterrupted_run, log_path)
+
+
 def random_kills(seed: int, count: int) -> list[tuple[int, float]]:
     """(steps the process must log first, seconds to wait then) for ``count`` kills."""
     rng = random.Random(seed)
