@@ -1,0 +1,88 @@
+"""The corruption suite's damage through the commands themselves, in process: a damaged
+annotation file of each format is one line naming it from eval.py (exit 2, before a model
+is built) and an error from the dataset check (exit 1); one train.py run on a dataset
+with damaged images skips them with warnings naming them and trains on finite losses."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import numpy as np
+import pytest
+
+from nanodet_jax.cli import check_dataset
+from nanodet_jax.cli import eval as eval_cli
+from nanodet_jax.cli import train as train_cli
+from nanodet_jax.config.loading import load_config
+from nanodet_jax.data.datasets import build_dataset
+from nanodet_jax.data.pipeline import train_loader_from_config
+from tests.conftest import config_path
+from tests.datasets import corruption_cases as cc
+
+CONFIG = config_path("nanodet_plus_m.py")
+NAMES = {"coco": "CocoDataset", "voc": "XMLDataset", "yolo": "YoloDataset"}
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    return cc.write_base(str(tmp_path_factory.mktemp("corruption_commands")))
+
+
+def split_args(prep: cc.Prepared, fmt: str, split: str) -> list[str]:
+    cfg = prep.split_cfg
+    return [f"--config.data.{split}.name={NAMES[fmt]}",
+            f"--config.data.{split}.ann_file={cfg['ann_file']}",
+            f"--config.data.{split}.img_dir={cfg['img_dir']}"]  # fmt: skip
+
+
+@pytest.mark.parametrize("fmt", cc.FORMATS)
+@pytest.mark.parametrize("kind", ["truncate", "nan"])
+def test_damaged_annotations_are_one_line_from_eval_and_fail_the_check(
+    fmt, kind, base, tmp_path, capsys
+):
+    prep = cc.prepare(cc.Case(fmt, "ann", kind, 0), base, str(tmp_path / "data"))
+    classes = f"--config.class_names={cc.CLASSES}"
+    argv = ["--config", CONFIG, "--torch-weights", "x.pth", classes, *split_args(prep, fmt, "val")]
+    with pytest.raises(SystemExit) as info:
+        eval_cli.main(argv)
+    err = capsys.readouterr().err
+    assert info.value.code == 2, err
+    assert err.count("\n") == 1 and err.startswith("error: ") and prep.damaged in err, err
+    assert "Traceback" not in err
+
+    argv = ["--config", CONFIG, "--split", "train", classes, *split_args(prep, fmt, "train")]
+    assert check_dataset.main(argv) == 1
+    out = capsys.readouterr().out
+    assert "ERROR: " in out and prep.damaged in out and "Traceback" not in out, out
+
+
+@pytest.mark.slow
+def test_training_skips_damaged_images_naming_them(shapes, tmp_path, capsys):
+    """One short train.py run (the small legacy NanoDet of tests/training, 2 steps) on a
+    copy of ``shapes`` whose first batch holds a cut JPEG and a zero-length one."""
+    from tests.training.test_train import args
+
+    data = tmp_path / "shapes"
+    shutil.copytree(shapes, data)
+    argv = args(data, tmp_path / "run", 2)
+    parsed, overrides = train_cli.parse_args(argv)
+    config = load_config(parsed.config, overrides)
+    records = build_dataset(config.data.train, list(config.class_names)).records
+    batch = int(config.device.batch_size_per_device)
+    first = train_loader_from_config(records, config, batch).local_indices(0, 0)
+    damaged = [records[int(i)].path for i in first[:2]]
+    with open(damaged[0], "rb") as f:
+        cut = f.read()
+    with open(damaged[0], "wb") as f:
+        f.write(cut[: len(cut) // 3])
+    open(damaged[1], "wb").close()
+    train_cli.main(argv)
+    err = capsys.readouterr().err
+    for path in damaged:
+        assert f"skipping unreadable training image {path}: " in err, err
+    assert "Traceback" not in err
+    lines = open(os.path.join(tmp_path, "run", "metrics.jsonl")).read().splitlines()
+    losses = [r["loss"] for r in map(json.loads, lines) if r["kind"] == "train"]
+    assert len(losses) == 2 and np.isfinite(losses).all(), losses
