@@ -13,11 +13,12 @@ import numpy as np
 import pytest
 
 from nanodet_jax.cli import check_dataset
+from nanodet_jax.cli import common as cli
 from nanodet_jax.cli import eval as eval_cli
 from nanodet_jax.cli import train as train_cli
 from nanodet_jax.config.loading import load_config
 from nanodet_jax.data.datasets import build_dataset
-from nanodet_jax.data.pipeline import train_loader_from_config
+from nanodet_jax.data.pipeline import TrainLoader, train_loader_from_config
 from tests.conftest import config_path
 from tests.datasets import corruption_cases as cc
 
@@ -86,3 +87,31 @@ def test_training_skips_damaged_images_naming_them(shapes, tmp_path, capsys):
     lines = open(os.path.join(tmp_path, "run", "metrics.jsonl")).read().splitlines()
     losses = [r["loss"] for r in map(json.loads, lines) if r["kind"] == "train"]
     assert len(losses) == 2 and np.isfinite(losses).all(), losses
+
+
+def test_a_mostly_damaged_training_set_is_one_line(base, tmp_path, capsys):
+    """Every image damaged: the loader's stand-ins run out (raised in grain's threads);
+    fewer images than a batch (e.g. after YOLO skipped damaged ones). One line each
+    through an entry point, not a traceback."""
+    prep = cc.prepare(cc.Case("coco", "jpg", "zero", 0), base, str(tmp_path / "coco"))
+    for path in prep.image_paths:
+        open(path, "wb").close()
+    records = build_dataset(prep.split_cfg, cc.CLASSES).records
+    pipeline = load_config(CONFIG).data.train.pipeline.to_dict()
+    loader = TrainLoader(records, input_size=(64, 64), pipeline=pipeline, global_batch_size=2,
+                         num_threads=1)  # fmt: skip
+    code, err = run_entry(lambda: list(loader.epoch(0)), capsys)
+    assert code == 2 and err.count("\n") == 1, err
+    assert "unreadable images in a row" in err and "nanodet-check-dataset" in err, err
+    code, err = run_entry(
+        lambda: TrainLoader(records[:1], input_size=(64, 64), pipeline=pipeline,
+                            global_batch_size=2),
+        capsys,
+    )  # fmt: skip
+    assert code == 2 and "1 images cannot fill one batch of 2" in err, err
+
+
+def run_entry(call, capsys) -> tuple[int, str]:
+    with pytest.raises(SystemExit) as info:
+        cli.entry_point(lambda argv: call())([])
+    return info.value.code, capsys.readouterr().err
