@@ -8,6 +8,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -19,7 +21,7 @@ from nanodet_jax.cli import train as train_cli
 from nanodet_jax.config.loading import load_config
 from nanodet_jax.data.datasets import build_dataset
 from nanodet_jax.data.pipeline import TrainLoader, train_loader_from_config
-from tests.conftest import config_path
+from tests.conftest import REPO, config_path
 from tests.datasets import corruption_cases as cc
 
 CONFIG = config_path("nanodet_plus_m.py")
@@ -119,3 +121,18 @@ def run_entry(call, capsys) -> tuple[int, str]:
     with pytest.raises(SystemExit) as info:
         cli.entry_point(lambda argv: call())([])
     return info.value.code, capsys.readouterr().err
+
+
+def test_python_m_data_check_reports_a_jpeg_cut_to_a_third(base, tmp_path):
+    """The user's command (it ran nothing and exited 0 before): a JPEG cut to a third of
+    its bytes is reported by name and fails the check, not passed as a half-grey image."""
+    prep = cc.prepare(cc.Case("coco", "jpg", "zero", 0), base, str(tmp_path / "data"))
+    with open(prep.damaged, "wb") as f:
+        f.write(prep.original[: len(prep.original) // 3])
+    argv = ["--config", CONFIG, "--split", "train", f"--config.class_names={cc.CLASSES}",
+            *split_args(prep, "coco", "train")]  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": REPO}
+    run = subprocess.run([sys.executable, "-m", "nanodet_jax.data.check", *argv], cwd=REPO,
+                         env=env, capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert run.returncode == 1, run.stdout + run.stderr
+    assert f"{prep.damaged}: truncated JPEG" in run.stdout, run.stdout
