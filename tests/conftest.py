@@ -108,6 +108,10 @@ def pytest_addoption(parser):
         "--kill-suite", action="store_true",
         help="also run all seeds of the random kill -9 suite (tests/training/test_kill.py)",
     )  # fmt: skip
+    parser.addoption(
+        "--corruption-suite", action="store_true",
+        help="also run every seed of the data corruption suite (tests/datasets/test_corruption.py)",
+    )  # fmt: skip
 
 
 # The longest files (train.py runs, several-program fixtures), started first: with two
@@ -129,6 +133,13 @@ def pytest_collection_modifyitems(config, items):
         for item in items:
             if "kill_suite" in item.keywords:
                 item.add_marker(skip_kills)
+    if not config.getoption("--corruption-suite"):
+        skip_damage = pytest.mark.skip(
+            reason="the full corruption suite runs with --corruption-suite"
+        )
+        for item in items:
+            if "corruption_suite" in item.keywords:
+                item.add_marker(skip_damage)
     # torch-dependent tests skip cleanly when the optional extra is not installed
     # (under CI, which installs it, its absence stops the run instead).
     try:

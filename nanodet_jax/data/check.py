@@ -175,3 +175,11 @@ def check_dataset(
             if found is not None:
                 report.add(found[0], ERROR, found[1])
     return report
+
+
+if __name__ == "__main__":  # ``python -m nanodet_jax.data.check``: the command, not a no-op
+    import sys
+
+    from nanodet_jax.cli.check_dataset import main
+
+    sys.exit(main())

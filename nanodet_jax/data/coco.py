@@ -10,10 +10,12 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import io
+import json
 import logging
+import math
 import os
 from collections.abc import Sequence
-from typing import Protocol
+from typing import Any, Protocol
 
 import cv2
 import numpy as np
@@ -26,6 +28,62 @@ log = logging.getLogger("nanodet_jax")
 
 class ImageReadError(OSError, UserError):
     """An image file is missing, cut short or cannot be decoded; the message names it."""
+
+
+class AnnotationError(UserError, ValueError):
+    """An annotation file (COCO json, VOC xml, YOLO txt) that cannot be read as written;
+    the message names the file and the record. A ValueError too, as before."""
+
+
+def _number(value: Any) -> bool:
+    """A finite int or float (not a bool, not a string): NaN / inf would reach training."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _integer(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _check_list(ann_file: str, data: dict, key: str) -> list:
+    items = data.get(key, [])
+    if not isinstance(items, list) or not all(isinstance(v, dict) for v in items):
+        raise AnnotationError(f"{ann_file}: {key!r} must be a list of objects")
+    return items
+
+
+def check_coco_json(ann_file: str, data: Any) -> None:
+    """An :class:`AnnotationError` naming the file and the record for every field this
+    reader uses that would crash it later (a missing key, a string for a number) or pass
+    NaN / inf on to training and evaluation. Checked before pycocotools indexes it."""
+    if not isinstance(data, dict):
+        raise AnnotationError(f"{ann_file}: not a COCO annotation object ({type(data).__name__})")
+    for k, cat in enumerate(_check_list(ann_file, data, "categories")):
+        if not _integer(cat.get("id")) or not isinstance(cat.get("name"), str):
+            raise AnnotationError(
+                f"{ann_file}: categories[{k}] needs an integer 'id' and a string 'name' "
+                f"(got id={cat.get('id')!r}, name={cat.get('name')!r})"
+            )
+    for k, img in enumerate(_check_list(ann_file, data, "images")):
+        where = f"{ann_file}: images[{k}] (id {img.get('id')!r})"
+        if not _integer(img.get("id")):
+            raise AnnotationError(f"{where}: 'id' must be an integer")
+        if not isinstance(img.get("file_name"), str) or not img["file_name"]:
+            raise AnnotationError(f"{where}: 'file_name' must be a file name")
+        for key in ("width", "height"):
+            value = img.get(key)
+            if not _number(value) or value <= 0 or value != int(value):
+                raise AnnotationError(f"{where}: {key!r} must be a positive integer, got {value!r}")
+    for k, ann in enumerate(_check_list(ann_file, data, "annotations")):
+        where = f"{ann_file}: annotations[{k}] (id {ann.get('id')!r})"
+        for key in ("image_id", "category_id"):
+            if not _integer(ann.get(key)):
+                raise AnnotationError(f"{where}: {key!r} must be an integer, got {ann.get(key)!r}")
+        bbox = ann.get("bbox")
+        if not isinstance(bbox, list) or len(bbox) != 4 or not all(_number(v) for v in bbox):
+            raise AnnotationError(f"{where}: 'bbox' must be 4 finite numbers [x, y, w, h], "
+                                  f"got {bbox!r}")  # fmt: skip
+        if "area" in ann and not _number(ann["area"]):
+            raise AnnotationError(f"{where}: 'area' must be a finite number, got {ann['area']!r}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -98,30 +156,43 @@ class CocoDetection:
             raise FileNotFoundError(f"{ann_file}: annotation file not found")
         if not os.path.isdir(img_dir):
             raise FileNotFoundError(f"{img_dir}: image folder not found")
+        try:
+            with open(ann_file, encoding="utf-8") as f:
+                data = json.load(f)
+        except (ValueError, UnicodeDecodeError) as e:  # cut, zero-length, damaged bytes
+            raise AnnotationError(f"{ann_file}: not a valid COCO annotation file ({e})") from e
+        check_coco_json(ann_file, data)
+        self.coco = COCO()
+        self.coco.dataset = data
         with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress
-            try:
-                self.coco = COCO(ann_file)
-            except Exception as e:
-                raise ValueError(f"{ann_file}: not a valid COCO annotation file ({e})") from e
+            self.coco.createIndex()
         self.ann_file = ann_file
         self.img_dir = img_dir
         self.cat_ids = sorted(self.coco.getCatIds())
         if not self.cat_ids:
-            raise ValueError(f"{ann_file}: defines no categories")
+            raise AnnotationError(f"{ann_file}: defines no categories")
         self.cat2label = {cat_id: i for i, cat_id in enumerate(self.cat_ids)}
         self.class_names = [c["name"] for c in self.coco.loadCats(self.cat_ids)]
+        self.dropped: dict[str, list[Any]] = {}  # reason -> annotation ids NanoDet drops
         self.records = [self._record(img_id) for img_id in sorted(self.coco.imgs)]
+        for reason, ids in self.dropped.items():  # NanoDet drops them silently
+            log.warning(
+                f"{ann_file}: {len(ids)} annotations skipped ({reason}; e.g. annotation id "
+                f"{ids[0]!r}); nanodet-check-dataset lists them"
+            )
 
     def _record(self, img_id: int) -> ImageRecord:
         info = self.coco.imgs[img_id]
-        if not isinstance(img_id, int):
-            raise ValueError(f"{self.ann_file}: image id {img_id!r} is not an integer")
         boxes, labels, ignore = [], [], []
         for ann in self.coco.loadAnns(self.coco.getAnnIds(imgIds=[img_id])):
             x, y, w, h = ann["bbox"]
             if ann.get("area", w * h) <= 0 or w < 1 or h < 1:
+                self.dropped.setdefault("zero/negative area or a side under 1 px", []).append(
+                    ann.get("id")
+                )
                 continue
             if ann["category_id"] not in self.cat2label:
+                self.dropped.setdefault("category_id not in categories", []).append(ann.get("id"))
                 continue
             box = [x, y, x + w, y + h]
             if ann.get("iscrowd", False) or ann.get("ignore", False):

@@ -14,6 +14,7 @@ Formats (``config.data.<split>.name``): ``CocoDataset`` (json + image folder),
 from __future__ import annotations
 
 import logging
+import math
 import os
 import xml.etree.ElementTree as ET
 from collections.abc import Mapping, Sequence
@@ -21,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from nanodet_jax.data.coco import CocoDetection, ImageReadError
+from nanodet_jax.data.coco import AnnotationError, CocoDetection, ImageReadError
 from nanodet_jax.data.image_size import image_size
 from nanodet_jax.data.raw import Box, RawAnnotation, RawDataset, RawImage
 
@@ -57,10 +58,13 @@ class _WarnOnce:
 def _xml_number(obj: ET.Element, tag: str, where: str) -> float:
     node = obj.find(tag)
     try:
-        return float(node.text)  # NanoDet: int(text); identical for integer text
+        value = float(node.text)  # NanoDet: int(text); identical for integer text
+        if math.isfinite(value):  # float() reads "nan" / "inf": they would reach training
+            return value
     except (AttributeError, TypeError, ValueError):
-        text = None if node is None else node.text
-        raise ValueError(f"{where}: <{tag}> is missing or not a number ({text!r})") from None
+        pass
+    text = None if node is None else node.text
+    raise AnnotationError(f"{where}: <{tag}> is missing or not a finite number ({text!r})")
 
 
 class XMLDataset(RawDataset):
@@ -92,11 +96,11 @@ class XMLDataset(RawDataset):
                warn: _WarnOnce) -> RawImage:  # fmt: skip
         try:
             root = ET.parse(xml_path).getroot()
-        except ET.ParseError as e:
-            raise ValueError(f"{xml_path}: malformed XML ({e})") from e
+        except ET.ParseError as e:  # also a cut, empty or byte-damaged file
+            raise AnnotationError(f"{xml_path}: malformed XML ({e})") from e
         file_name = (root.findtext("filename") or "").strip()
         if not file_name:
-            raise ValueError(f"{xml_path}: no <filename>")
+            raise AnnotationError(f"{xml_path}: no <filename>")
         path = os.path.join(self.img_dir, file_name)
         size = root.find("size")
         try:
@@ -108,7 +112,7 @@ class XMLDataset(RawDataset):
             try:
                 width, height = image_size(path)
             except ImageReadError as e:
-                raise ValueError(f"{xml_path}: no valid <size> and {e}") from e
+                raise AnnotationError(f"{xml_path}: no valid <size> and {e}") from e
         anns = []
         for k, obj in enumerate(root.findall("object")):
             where = f"{xml_path}: object {k}"
@@ -120,7 +124,7 @@ class XMLDataset(RawDataset):
                 )
             bnd = obj.find("bndbox")
             if bnd is None:
-                raise ValueError(f"{where}: no <bndbox>")
+                raise AnnotationError(f"{where}: no <bndbox>")
             x1, y1, x2, y2 = (_xml_number(bnd, t, where) for t in ("xmin", "ymin", "xmax", "ymax"))
             is_difficult = (obj.findtext("difficult") or "0").strip() == "1"
             anns.append(
@@ -186,18 +190,22 @@ class YoloDataset(RawDataset):
             log.warning(f"skipping {self.skipped[-1]}")
             return None
         anns = []
-        with open(txt_path) as f:
-            lines = f.read().splitlines()
+        try:
+            with open(txt_path, encoding="utf-8") as f:
+                lines = f.read().splitlines()
+        except UnicodeDecodeError as e:  # damaged bytes
+            raise AnnotationError(f"{txt_path}: not a text file ({e})") from None
         for n, line in enumerate(lines, start=1):
             if not line.strip():
                 continue
             try:
                 values = [float(t) for t in line.split()]
-                if len(values) < 5:
+                # float() reads "nan" / "inf": int() of them would crash, NaN reach training
+                if len(values) < 5 or not all(math.isfinite(v) for v in values):
                     raise ValueError
             except ValueError:
-                raise ValueError(
-                    f"{txt_path}:{n}: expected 'class cx cy w h', got {line!r}"
+                raise AnnotationError(
+                    f"{txt_path}:{n}: expected 'class cx cy w h' (finite numbers), got {line!r}"
                 ) from None
             cls = int(values[0])
             cx, cy, bw, bh = values[1:5]

@@ -38,6 +38,7 @@ import numpy as np
 
 from nanodet_jax.data import augment, canvas_resize, transforms
 from nanodet_jax.data.coco import ImageReadError, ImageRecord, load_image
+from nanodet_jax.errors import ConfigError, UserError
 
 log = logging.getLogger("nanodet_jax")
 
@@ -80,9 +81,10 @@ class TrainLoader:
         if not 0 <= process_index < process_count:
             raise ValueError(f"process_index {process_index} not in [0, {process_count})")
         if len(records) < global_batch_size:
-            raise ValueError(
+            raise ConfigError(  # e.g. damaged files skipped: a user's fix, not a traceback
                 f"{len(records)} images cannot fill one batch of {global_batch_size} "
-                "(the last partial batch is dropped)"
+                "(the last partial batch is dropped); lower device.batch_size_per_device "
+                "or add images"
             )
         if not max_boxes_buckets or min(max_boxes_buckets) < 1:
             raise ValueError(f"max_boxes_buckets must be positive sizes: {max_boxes_buckets}")
@@ -202,9 +204,10 @@ class TrainLoader:
             else:  # a stand-in of the same canvas, so that the batch keeps one
                 pool = self._members[int(self._canvas_id[index])]
                 candidate = int(pool[rng.integers(len(pool))])
-        raise RuntimeError(
+        raise UserError(  # most of the dataset is damaged: one line, not a traceback
             f"{MAX_SUBSTITUTIONS + 1} unreadable images in a row while loading training "
-            f"sample {index} (last: {self.records[candidate].path}); check the dataset"
+            f"sample {index} (last: {self.records[candidate].path}); check the dataset with "
+            "nanodet-check-dataset"
         )
 
     def load_sample(self, epoch: int, index: int, num_boxes: int) -> dict[str, np.ndarray]:

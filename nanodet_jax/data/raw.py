@@ -135,6 +135,17 @@ class RawDataset:
         self.cat_ids = list(range(1, len(self.class_names) + 1))
         self.records = records_from_raw(self.raw, self.source)
         self._coco = None
+        dropped = [(img, a) for img in self.raw for a in img.annotations
+                   if kept_annotation(a) is None]  # fmt: skip
+        if dropped:  # NanoDet drops them silently; a damaged file would lose boxes unseen
+            unknown = sum(a.label < 0 for _, a in dropped)
+            img, ann = dropped[0]
+            log.warning(
+                f"{self.ann_file}: {len(dropped)} objects skipped ({unknown} of a class not in "
+                f"class_names, {len(dropped) - unknown} of zero/negative size or a side under "
+                f"1 px; e.g. in {img.origin} the box {list(ann.box)}); nanodet-check-dataset "
+                "lists them"
+            )
         n = sum(len(r.boxes) for r in self.records)
         log.info(f"{self.ann_file}: {len(self.records)} images, {n} boxes")
 
