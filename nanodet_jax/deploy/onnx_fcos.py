@@ -23,8 +23,6 @@ are stride-2 convs with explicit padding 1, so odd sides round up as in the mode
 
 from __future__ import annotations
 
-import numpy as np
-
 from nanodet_jax.deploy.onnx_backbones_1 import resnet
 from nanodet_jax.deploy.onnx_graph import (
     OnnxGraph,
@@ -71,7 +69,7 @@ def _join_levels(g: OnnxGraph, levels: list[Value]) -> Value:
     flat = []
     for v in levels:
         c, h, w = v.shape
-        flat.append(g.op("Reshape", [v.name, g.const(np.array([1, c, h * w], np.int64))]))
+        flat.append(g.op("Reshape", [v.name, g.shape(c, h * w)]))
     joined = g.op("Concat", flat, axis=2)
     total = sum(v.shape[1] * v.shape[2] for v in levels)
     return Value(g.op("Transpose", [joined], perm=[0, 2, 1]), (total, levels[0].shape[0]))

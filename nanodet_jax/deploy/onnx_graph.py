@@ -43,7 +43,7 @@ FOLDED_NORMS = (BatchNorm2d, FrozenBatchNorm2d)
 
 
 @dataclasses.dataclass(frozen=True)
-class Value:  # a graph value and its static (C, H, W) shape; batch is always 1
+class Value:  # a graph value and its static (C, H, W) shape; the batch axis is not in it
     name: str
     shape: tuple[int, int, int]
 
@@ -54,7 +54,8 @@ class OnnxGraph:
     def emit(self, x: Any, module: Any) -> Any:
         return emit(self, x, module)
 
-    def __init__(self) -> None:
+    def __init__(self, dynamic_batch: bool = False) -> None:
+        self.dynamic_batch = dynamic_batch
         self.nodes: list[onnx.NodeProto] = []
         self.initializers: list[onnx.TensorProto] = []
         self._count = 0
@@ -78,6 +79,21 @@ class OnnxGraph:
         out = out or self._name(op_type.lower())
         self.nodes.append(helper.make_node(op_type, inputs, [out], name=out, **attrs))
         return out
+
+    def shape(self, *dims: int) -> str:
+        """A Reshape target ``[batch, *dims]``. With a dynamic batch axis the batch entry is
+        0, which Reshape reads as "the input's own dim 0": a literal 1 would pin the file
+        to batch 1 (TensorRT and onnxruntime then reject any other batch)."""
+        return self.const(np.array([0 if self.dynamic_batch else 1, *dims], np.int64), "shape")
+
+    def batch_sizes(self, x: str, dims: tuple[int, ...]) -> str:
+        """Resize's ``sizes`` input ``[batch, *dims]`` for value ``x``. Resize has no "copy
+        this dim" code as Reshape has, so a dynamic batch is read from ``Shape(x)``."""
+        if not self.dynamic_batch:
+            return self.const(np.array([1, *dims], np.int64), "sizes")
+        zero, one = self.const(np.array([0], np.int64)), self.const(np.array([1], np.int64))
+        batch = self.op("Slice", [self.op("Shape", [x]), zero, one, zero])
+        return self.op("Concat", [batch, self.const(np.array(dims, np.int64), "sizes")], axis=0)
 
     def split(self, x: str, sizes: list[int]) -> list[str]:
         """Channel split (opset 11 takes the sizes as an attribute, 13+ as an input)."""
@@ -217,18 +233,18 @@ def upsample(g: OnnxGraph, x: Value, mode: str, size: tuple[int, int] | None = N
         return Value(g.op("Resize", [x.name, roi, scales], **attrs), (c, 2 * h, 2 * w))
     # Opset 11 takes sizes as the fourth input, with an empty scales tensor.
     empty = g.const(np.zeros(0, np.float32), "scales")
-    sizes = g.const(np.array([1, c, *size], np.int64), "sizes")
+    sizes = g.batch_sizes(x.name, (c, *size))
     return Value(g.op("Resize", [x.name, roi, empty, sizes], **attrs), (c, *size))
 
 
 def group_norm(g: OnnxGraph, x: Value, gn: GroupNorm) -> Value:
     c, h, w = x.shape
     groups = gn.num_groups
-    grouped = g.op("Reshape", [x.name, g.const(np.array([1, groups, -1], np.int64))])
+    grouped = g.op("Reshape", [x.name, g.shape(groups, -1)])
     ones = g.const(np.ones(groups, np.float32), "gn_scale")
     zeros = g.const(np.zeros(groups, np.float32), "gn_shift")
     normed = g.op("InstanceNormalization", [grouped, ones, zeros], epsilon=float(gn.eps))
-    back = g.op("Reshape", [normed, g.const(np.array([1, c, h, w], np.int64))])
+    back = g.op("Reshape", [normed, g.shape(c, h, w)])
     weight = np.asarray(gn.weight[...], np.float32).reshape(c, 1, 1)
     bias = np.asarray(gn.bias[...], np.float32).reshape(c, 1, 1)
     scaled = g.op("Mul", [back, g.const(weight, "gn_weight")])

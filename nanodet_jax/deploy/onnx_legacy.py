@@ -51,7 +51,7 @@ def _join_levels(g: OnnxGraph, levels: list[tuple[Value, Value]], num_classes: i
         c = cls_out.shape[0] + reg_out.shape[0]
         _, h, w = cls_out.shape
         joined = g.op("Concat", [cls_out.name, reg_out.name], axis=1)
-        flat.append(g.op("Reshape", [joined, g.const(np.array([1, c, h * w], np.int64))]))
+        flat.append(g.op("Reshape", [joined, g.shape(c, h * w)]))
         num_priors, channels = num_priors + h * w, c
     out = g.op("Concat", flat, axis=2)
     cls_part, reg_part = g.split(out, [num_classes, channels - num_classes])

@@ -6,8 +6,6 @@ The head's output follows NanoDet's ``_forward_onnx``: ``[1, num_priors, num_cla
 
 from __future__ import annotations
 
-import numpy as np
-
 # GhostPAN's bottlenecks are GhostNet's: their emitters live with GhostNet's.
 from nanodet_jax.deploy import onnx_backbones_2  # noqa: F401  (registers them)
 from nanodet_jax.deploy.onnx_graph import (
@@ -39,9 +37,9 @@ def _shuffle_block(g: OnnxGraph, x: Value, m: ShuffleV2Block) -> Value:
         out = concat(g, [sequential(g, x, m.branch1), sequential(g, x, m.branch2)])
     # Channel shuffle as Reshape-Transpose-Reshape: the pattern ncnn/MNN map to ShuffleChannel.
     c, h, w = out.shape
-    grouped = g.op("Reshape", [out.name, g.const(np.array([1, 2, c // 2, h, w], np.int64))])
+    grouped = g.op("Reshape", [out.name, g.shape(2, c // 2, h, w)])
     swapped = g.op("Transpose", [grouped], perm=[0, 2, 1, 3, 4])
-    flat = g.op("Reshape", [swapped, g.const(np.array([1, c, h, w], np.int64))])
+    flat = g.op("Reshape", [swapped, g.shape(c, h, w)])
     return Value(flat, out.shape)
 
 
@@ -93,7 +91,7 @@ def _head(g: OnnxGraph, feats: list[Value], m: NanoDetPlusHead) -> Value:
         out = conv(g, feat, gfl)
         c, h, w = out.shape
         num_priors += h * w
-        flat.append(g.op("Reshape", [out.name, g.const(np.array([1, c, h * w], np.int64))]))
+        flat.append(g.op("Reshape", [out.name, g.shape(c, h * w)]))
     joined = g.op("Concat", flat, axis=2)
     cls_part, reg_part = g.split(joined, [m.num_classes, 4 * (m.reg_max + 1)])
     scored = g.op("Concat", [g.op("Sigmoid", [cls_part]), reg_part], axis=1)

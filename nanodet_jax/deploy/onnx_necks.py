@@ -93,7 +93,7 @@ def _layer_norm(g: OnnxGraph, x: str, m: LayerNorm) -> str:
 
 
 def _heads(g: OnnxGraph, x: str, tokens: int, heads: int, dim: int, perm: list[int]) -> str:
-    split = g.op("Reshape", [x, g.const(np.array([1, tokens, heads, dim], np.int64))])
+    split = g.op("Reshape", [x, g.shape(tokens, heads, dim)])
     return g.op("Transpose", [split], perm=perm)
 
 
@@ -119,7 +119,7 @@ def _attention(g: OnnxGraph, x: str, m: MultiheadAttention, tokens: int, c: int)
     # Opset 11's Softmax normalises over all axes from `axis` on: the last one here.
     weights = g.op("Softmax", [g.op("MatMul", [q, k])], axis=3)
     out = g.op("Transpose", [g.op("MatMul", [weights, v])], perm=[0, 2, 1, 3])
-    out = g.op("Reshape", [out, g.const(np.array([1, tokens, c], np.int64))])
+    out = g.op("Reshape", [out, g.shape(tokens, c)])
     return _linear(g, out, m.out_proj)
 
 
@@ -139,13 +139,13 @@ def transformer_block(g: OnnxGraph, x: Value, m: TransformerBlock, pos_embed: np
     """``m(x, pos_embed)``: NCHW -> [1, h * w, C] tokens -> encoders -> NCHW."""
     x = emit(g, x, m.conv)
     c, h, w = x.shape
-    flat = g.op("Reshape", [x.name, g.const(np.array([1, c, h * w], np.int64))])
+    flat = g.op("Reshape", [x.name, g.shape(c, h * w)])
     tokens = g.op("Transpose", [flat], perm=[0, 2, 1])
     tokens = g.op("Add", [tokens, g.const(np.asarray(pos_embed, np.float32)[:, 0, :])])
     for layer in m.encoders:
         tokens = _encoder(g, tokens, layer, h * w, c)
     back = g.op("Transpose", [tokens], perm=[0, 2, 1])
-    return Value(g.op("Reshape", [back, g.const(np.array([1, c, h, w], np.int64))]), (c, h, w))
+    return Value(g.op("Reshape", [back, g.shape(c, h, w)]), (c, h, w))
 
 
 @register_emitter(TAN)

@@ -54,8 +54,9 @@ def check_contract(model_proto: onnx.ModelProto, hw: tuple[int, int], priors: in
     onnx.checker.check_model(model_proto, full_check=True)
 
 
-def test_small_model_matches_jax(small_config, tmp_path):
-    model = build_model(small_config, with_aux=False, seed=0)
+def small_random_model(config):
+    """The small NanoDet-Plus with random weights whose logits are in a real model's range."""
+    model = build_model(config, with_aux=False, seed=0)
     shapes = {
         k: convert.to_torch_layout(np.asarray(v[...])).shape
         for k, v in convert.model_variables(model).items()
@@ -67,6 +68,11 @@ def test_small_model_matches_jax(small_config, tmp_path):
     for gfl in model.head.gfl_cls:
         gfl.weight[...] = gfl.weight[...] * 0.02
         gfl.bias[...] = gfl.bias[...] * 0.02
+    return model
+
+
+def test_small_model_matches_jax(small_config, tmp_path):
+    model = small_random_model(small_config)
     path = tmp_path / "small.onnx"
     proto = export_onnx.export_onnx(model, small_config, str(path))
     hw = export_onnx.onnx_input_hw(small_config)
@@ -82,6 +88,58 @@ def test_small_model_matches_jax(small_config, tmp_path):
     assert theirs.shape == ours.shape
     assert 5 < np.abs(ours).max() < 50
     assert np.abs(theirs - ours).max() <= TOL
+
+
+def test_dynamic_batch_runs_batch_1_and_3(small_config, tmp_path):
+    model = small_random_model(small_config)
+    path = tmp_path / "dyn.onnx"
+    export_onnx.export_onnx(model, small_config, str(path), dynamic_batch=True)
+    proto = onnx.load(str(path))
+    dims = lambda v: [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim]
+    assert dims(proto.graph.input[0]) == ["batch", 3, 320, 320]
+    assert dims(proto.graph.output[0]) == ["batch", 2125, 37]
+    # No Reshape may name batch 1: each target's first entry is 0 (the input's batch).
+    targets = {t.name: onnx.numpy_helper.to_array(t) for t in proto.graph.initializer}
+    reshapes = [n for n in proto.graph.node if n.op_type == "Reshape"]
+    assert reshapes and all(targets[n.input[1]][0] == 0 for n in reshapes)
+
+    hw = export_onnx.onnx_input_hw(small_config)
+    x = np.random.default_rng(3).normal(size=(3, *hw, 3)).astype(np.float32)
+    ours = sigmoid_classes(jax.jit(model)(x), model.num_classes)
+    sess = export_onnx.onnxruntime_session(str(path))
+    for batch in (x[:1], x):  # one file, two batch sizes
+        theirs = sess.run(None, {"data": batch.transpose(0, 3, 1, 2)})[0]
+        assert theirs.shape == (len(batch), 2125, 37)
+        assert np.abs(theirs - ours[: len(batch)]).max() <= TOL
+
+
+def test_dynamic_batch_group_norm_and_sized_resize(tmp_path):
+    """The two other batch-carrying ops (FCOS's GroupNorm view, Resize to a size): batch 2
+    in one run equals each image alone."""
+    from onnx import TensorProto, helper
+
+    from nanodet_jax.models.norm import GroupNorm
+
+    g = onnx_graph.OnnxGraph(dynamic_batch=True)
+    normed = onnx_graph.group_norm(g, onnx_graph.Value("data", (4, 5, 7)), GroupNorm(2, 4))
+    up = onnx_graph.upsample(g, normed, "nearest", (9, 11))
+    g.op("Identity", [up.name], out="y")
+    graph = helper.make_graph(
+        g.nodes,
+        "dyn",
+        [helper.make_tensor_value_info("data", TensorProto.FLOAT, ["batch", 4, 5, 7])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 4, 9, 11])],
+        g.initializers,
+    )
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 11)])
+    proto.ir_version = 6
+    onnx.checker.check_model(proto, full_check=True)
+    onnx.save(proto, str(tmp_path / "dyn.onnx"))
+    x = np.random.default_rng(2).normal(size=(2, 4, 5, 7)).astype(np.float32)
+    both = run_onnx(tmp_path / "dyn.onnx", x)
+    assert both.shape == (2, 4, 9, 11)
+    alone = [run_onnx(tmp_path / "dyn.onnx", x[i : i + 1])[0] for i in range(2)]
+    np.testing.assert_array_equal(both, np.stack(alone))
 
 
 @pytest.mark.parametrize("mode", ["bilinear", "nearest"])
