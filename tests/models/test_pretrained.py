@@ -191,6 +191,7 @@ def test_train_py_starts_from_the_pretrained_backbone(tv_tools, shapes, tmp_path
     from nanodet_jax.config.loading import load_config
     from nanodet_jax.models import build_model
     from nanodet_jax.weights import checkpoint
+
     # NanoDet-Plus's warm-up starts at lr ~1e-7 (the legacy recipe's at 1.4e-2), and its
     # step is the one test_finetune.py's run compiles (the XLA cache serves both).
     from tests.training.test_train import plus_args as train_args

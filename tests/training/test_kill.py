@@ -4,8 +4,8 @@ every step's loss, the evaluations, ``best/`` and the final parameters are bitwi
 an uninterrupted run, and each step is logged once.
 
 CI runs the three named kills in one workdir (four processes) and seed 0 of the random
-kills; ``pytest --kill-suite -s tests/training/test_kill.py`` runs all 16 seeds and prints
-how many kills landed."""
+kills (one kill); ``pytest --kill-suite -s tests/training/test_kill.py`` runs all 16 seeds
+(seeds 1-15: three kills each) and prints how many kills landed."""
 
 from __future__ import annotations
 
@@ -190,8 +190,9 @@ def test_seeded_random_kills(shapes, uninterrupted_run, tmp_path, seed):
     each time; then the same checks as for the named kills."""
     workdir = tmp_path / f"random{seed}"
     argv = args(shapes, workdir, STEPS)
+    kills = random_kills(seed, 1 if seed == 0 else 3)  # CI's seed 0: one kill, to save time
     landed = [kill_at_random(argv, tmp_path / f"{n}.log", after, delay)
-              for n, (after, delay) in enumerate(random_kills(seed, 3))]  # fmt: skip
+              for n, (after, delay) in enumerate(kills)]  # fmt: skip
     log_path = tmp_path / "final.log"
     assert run_to_end(argv, log_path) == 0, open(log_path).read()[-3000:]
     assert_same_as_uninterrupted(workdir, uninterrupted_run, log_path)
