@@ -6,8 +6,8 @@ nothing can catch, when it reaches ``point`` at ``step``:
 
 - ``step``: step ``step`` has been dispatched and its computation is in flight;
 - ``checkpoint``: the asynchronous write of step ``step``'s checkpoint has started;
-- ``eval``: the evaluation after step ``step`` has predicted the val set, but neither its
-  metrics nor ``best/`` nor the step's checkpoint exist yet.
+- ``eval``: the evaluation after step ``step`` has computed its metrics, but neither their
+  record in metrics.jsonl nor ``best/`` exist yet.
 
 A named point is what makes each such crash reproducible; kills at arbitrary moments come
 from outside the process (the tests also do that). Unset, this costs one dictionary lookup.

@@ -32,7 +32,7 @@ from nanodet_jax.testing import array_digest
 from nanodet_jax.training import distributed, fault_injection, preemption, trainer
 from nanodet_jax.training.bn_recalibration import recalibrate_batchnorm
 from nanodet_jax.training.optim import build_optimizer, lr_schedule
-from nanodet_jax.training.training_log import TrainingLog
+from nanodet_jax.training.training_log import TrainingLog, evaluated_steps
 from nanodet_jax.weights import checkpoint
 from nanodet_jax.weights.pytorch import load_torch_weights
 
@@ -55,24 +55,6 @@ def record_samples(workdir: str, step: int, epoch: int, image_ids: np.ndarray) -
     path = os.path.join(workdir, f"samples_p{jax.process_index()}.jsonl")
     with open(path, "a") as f:
         f.write(json.dumps({"step": step, "epoch": epoch, "image_ids": image_ids.tolist()}) + "\n")
-
-
-def evaluated_steps(workdir: str) -> set[int]:
-    """Steps whose evaluation metrics.jsonl records (read by every process: the decision
-    to evaluate on resume must be the same on all of them)."""
-    path = os.path.join(workdir, "metrics.jsonl")
-    if not os.path.exists(path):
-        return set()
-    steps = set()
-    with open(path) as f:
-        for line in f:
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:  # a line cut short by a killed run
-                continue
-            if record.get("kind") == "eval":
-                steps.add(int(record["step"]))
-    return steps
 
 
 def best_record(workdir: str) -> float:
@@ -125,18 +107,14 @@ def recalibrate_bn(model: Detector, config: Any, dataset: CocoDetection, num_ima
     recalibrate_batchnorm(model, batches)
 
 
-def evaluate(
-    graphdef: Any, state: Any, config: Any, val: CocoDetection, epoch: int, kill_step: int = -1
-) -> dict:
-    """COCO mAP of the EMA weights on the val set, the images split over processes
-    (``kill_step``: the step a fault-injection test names, training/fault_injection.py)."""
+def evaluate(graphdef: Any, state: Any, config: Any, val: CocoDetection, epoch: int) -> dict:
+    """COCO mAP of the EMA weights on the val set, the images split over processes."""
     # A process-local copy of the replicated EMA weights: prediction runs on local devices.
     local_ema = distributed.local_copy(state.ema)
     predictor = Predictor(trainer.merge_for_eval(graphdef, local_ema), config)
     results = coco_eval.predict_dataset_all_hosts(
         predictor, val.records, int(config.test.batch_size), progress=False
     )
-    fault_injection.kill_point("eval", kill_step)
     evaluate_fn = evaluator_from_config(config)
     metrics = evaluate_fn(val, coco_eval.to_coco_json(results, val.cat_ids), val.class_names)
     stats = metrics["stats"]
@@ -251,7 +229,8 @@ def _train(
     def evaluate_and_keep_best(state: Any, done: int) -> None:
         nonlocal best_map
         epoch = (done - 1) // steps_per_epoch + 1  # the epoch the step belongs to, from 1
-        stats = evaluate(graphdef, state, config, val_set, epoch, kill_step=done)
+        stats = evaluate(graphdef, state, config, val_set, epoch)
+        fault_injection.kill_point("eval", done)
         history.log_eval(done, epoch, stats)
         if stats[best_stat] > best_map:
             best_map = stats[best_stat]

@@ -14,6 +14,36 @@ log = logging.getLogger("nanodet_jax")
 SHORT = {"loss_qfl": "qfl", "loss_bbox": "bbox", "loss_dfl": "dfl"}
 
 
+def read_records(path: str, warn: bool = True) -> tuple[list[dict], bool]:
+    """The records of a metrics.jsonl, and whether lines were dropped: a last line cut short
+    by a killed run (every complete line ends with a newline) or an unreadable one."""
+    with open(path) as f:
+        lines = f.read().split("\n")
+    damaged = bool(lines[-1].strip())
+    if damaged and warn:
+        log.warning(f"{path}: dropping an incomplete last record (a killed run)")
+    records = []
+    for number, line in enumerate(lines[:-1], 1):
+        if line.strip():
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:
+                damaged = True
+                if warn:
+                    log.warning(f"{path}:{number}: dropping an unreadable record")
+    return records, damaged
+
+
+def evaluated_steps(workdir: str) -> set[int]:
+    """Steps whose evaluation ``workdir``'s metrics.jsonl records (read by every process,
+    not only the one that writes it: the decision to evaluate on resume must be the same
+    on all of them)."""
+    path = os.path.join(workdir, "metrics.jsonl")
+    if not os.path.exists(path):
+        return set()
+    return {int(r["step"]) for r in read_records(path, warn=False)[0] if r.get("kind") == "eval"}
+
+
 class TrainingLog:
     def __init__(self, workdir: str, enabled: bool = True, progress_bar: bool = True):
         self.workdir = workdir
@@ -28,32 +58,13 @@ class TrainingLog:
         os.makedirs(workdir, exist_ok=True)
         self.path = os.path.join(workdir, "metrics.jsonl")
         if os.path.exists(self.path):  # a resumed run keeps its history
-            self.records = self._read_records()
+            self.records, self._damaged = read_records(self.path)
         try:
             from tensorboardX import SummaryWriter
 
             self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
         except ImportError:  # pragma: no cover - tensorboardX is a dependency
             log.warning("tensorboardX not installed: no TensorBoard logs")
-
-    def _read_records(self) -> list[dict]:
-        """The records of an existing metrics.jsonl; a last line cut short by a killed run
-        is dropped (every complete line ends with a newline)."""
-        with open(self.path) as f:
-            text = f.read()
-        lines = text.split("\n")
-        if lines and lines[-1].strip():
-            log.warning(f"{self.path}: dropping an incomplete last record (a killed run)")
-            self._damaged = True
-        records = []
-        for number, line in enumerate(lines[:-1], 1):
-            if line.strip():
-                try:
-                    records.append(json.loads(line))
-                except json.JSONDecodeError:
-                    self._damaged = True
-                    log.warning(f"{self.path}:{number}: dropping an unreadable record")
-        return records
 
     def resume_at(self, step: int) -> None:
         """Keep only the history up to ``step``, the checkpoint training resumes from: what a

@@ -211,7 +211,7 @@ def train_manager(directory: str | os.PathLike, keep: int) -> ocp.CheckpointMana
         cleanup_tmp_directories=True,
     )  # fmt: skip
     handlers = {name: handler() for name, handler in TRAIN_ITEMS.items()}
-    return ocp.CheckpointManager(os.path.abspath(directory), options=opts, item_handlers=handlers)
+    return ocp.CheckpointManager(directory, options=opts, item_handlers=handlers)
 
 
 def train_state_digest(state: Any) -> str:
@@ -316,7 +316,7 @@ def restore_latest_train_state(mngr: ocp.CheckpointManager, template: Any) -> tu
         except WeightMismatchError:
             raise
         except Exception as e:  # orbax / tensorstore raise many types for damaged files
-            reason = str(e).strip().splitlines()[0][:300] if str(e).strip() else ""
+            reason = (str(e).strip().splitlines() or [""])[0][:300]
             log.warning(
                 f"checkpoint {os.path.join(str(mngr.directory), str(step))} cannot be "
                 f"restored ({type(e).__name__}: {reason}); using the previous one"

@@ -23,7 +23,7 @@ import numpy as np
 import pytest
 
 from nanodet_jax.training.fault_injection import ENV
-from nanodet_jax.training.loop import evaluated_steps
+from nanodet_jax.training.training_log import evaluated_steps
 from tests.conftest import REPO
 from tests.training.test_train import STEPS, args, logged_steps, train_losses, weights
 
@@ -96,8 +96,8 @@ def test_killed_mid_step_mid_checkpoint_and_mid_eval_loses_nothing(
     # The write of step 3's checkpoint under way: it never becomes a step to resume from.
     assert run_to_end(argv, tmp_path / "2.log", "checkpoint:3") == -signal.SIGKILL
     assert 3 not in complete_steps(workdir), complete_steps(workdir)
-    # The final evaluation (after step 7's checkpoint was started) has predicted the val
-    # set: no metrics and no best/ exist. Whether checkpoint 7 (and 6) became complete
+    # The final evaluation (after step 7's checkpoint was started) has computed its
+    # metrics: no record of them and no best/ exist. Whether checkpoint 7 (and 6) became complete
     # depends on how far their asynchronous writes got (all three cases seen here); from
     # 7, the restart runs the evaluation it lacks, from 6 or 3 it redoes the steps too.
     assert run_to_end(argv, tmp_path / "3.log", "eval:7") == -signal.SIGKILL
