@@ -1,4 +1,4 @@
-"""Detect objects in images: a Python API and a command line.
+"""Detect objects in images, videos and a camera: a Python API and a command line.
 
     nanodet-predict --config configs/nanodet_plus_m_416.py \
         --torch-weights nanodet-plus-m_416.pth --out-dir preds IMAGE_OR_FOLDER [...]
@@ -7,6 +7,11 @@ writes ``preds/<image>.jpg`` with the boxes drawn and ``preds/predictions.json``
 (per image: boxes in original pixels, scores, class ids and names). An image that cannot
 be read (missing, truncated, undecodable) is skipped with a warning naming it, and listed
 with its problem in ``preds/skipped.json`` (an empty list when none was).
+
+A video file among the inputs (``.mp4``, ``.avi``, ...; :mod:`nanodet_jax.evaluation.video`)
+gives ``preds/<video>.<ext>`` with the boxes drawn (same size and fps) and
+``preds/<video>.json`` (per frame: its detections, as for an image); ``--camera INDEX``
+reads a camera until Ctrl-C into ``preds/camera<INDEX>.mp4`` and ``.json``.
 
 Python::
 
@@ -29,6 +34,7 @@ import cv2
 from nanodet_jax.cli import common as cli
 from nanodet_jax.config.loading import load_config, split_overrides
 from nanodet_jax.data.coco import ImageReadError, read_image
+from nanodet_jax.evaluation import video
 from nanodet_jax.evaluation.predictor import Detections, Predictor
 from nanodet_jax.evaluation.visualize import draw_detections
 from nanodet_jax.models import build_model
@@ -82,15 +88,7 @@ def image_paths(inputs: Sequence[str]) -> list[str]:
 
 
 def detections_json(path: str, det: Detections, class_names: Sequence[str]) -> dict:
-    return {
-        "file": path,
-        "detections": [
-            {"box_xyxy": [round(v, 2) for v in box], "score": round(score, 4),
-             "class_id": label, "class_name": class_names[label]}
-            for box, score, label in zip(det.boxes.tolist(), det.scores.tolist(),
-                                         det.labels.tolist())
-        ],
-    }  # fmt: skip
+    return {"file": path, "detections": det.to_json(class_names)}
 
 
 def predict_paths(
@@ -126,27 +124,74 @@ def predict_paths(
     return records
 
 
+def fourcc_arg(text: str) -> str:
+    if len(text) != 4:
+        raise argparse.ArgumentTypeError(f"a codec is 4 characters (mp4v, MJPG), not {text!r}")
+    return text
+
+
+def positive_int(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"a number of frames, 1 or more, not {text!r}")
+    return int(text)
+
+
 @cli.entry_point
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("inputs", nargs="+", help="image files or folders")
+    p.add_argument(
+        "inputs", nargs="*", help="image files or folders, video files (.mp4, .avi, ...)"
+    )
     p.add_argument("--config", required=True)
     cli.add_weight_args(p)
     p.add_argument("--out-dir", default="predictions")
     p.add_argument("--score-thr", type=float, default=0.35, help="drawing threshold")
+    p.add_argument("--camera", type=int, metavar="INDEX", help="read camera INDEX until Ctrl-C")
+    p.add_argument("--fourcc", type=fourcc_arg,
+                   help="codec of the written videos (default: mp4v; MJPG for .avi)")  # fmt: skip
+    p.add_argument(
+        "--max-frames", type=positive_int, help="stop each video / the camera after N frames"
+    )
+    p.add_argument("--show", action="store_true", help="also show the frames in a window")
     others, overrides = split_overrides(sys.argv[1:] if argv is None else argv)
     args = p.parse_args(others)
+    if not args.inputs and args.camera is None:
+        p.error("give image files, folders, video files or --camera INDEX")
     cli.start()
     config = cli.read_config(args.config, overrides)
     cli.check_data_config(config)
-    predictor = predictor_from_config(config, args.torch_weights, args.checkpoint, args.step)
-    paths = image_paths(args.inputs)
-    if not paths:
+    videos = [i for i in args.inputs if video.is_video(i)]
+    paths = image_paths([i for i in args.inputs if not video.is_video(i)])
+    if len(videos) < len(args.inputs) and not paths:
         p.error("no images found in the given inputs")
-    records = predict_paths(predictor, paths, args.out_dir, args.score_thr)
-    skipped = len(paths) - len(records)
-    note = f" (skipped {skipped} unreadable, listed in {SKIPPED_JSON})" if skipped else ""
-    print(f"wrote {len(records)} drawn images and predictions.json to {args.out_dir}{note}")
+    # Every video and the camera opened, the codec tried and --show checked before the
+    # model is built: a mistake costs no compile.
+    os.makedirs(args.out_dir, exist_ok=True)
+    sources = [video.video_source(v, args.out_dir) for v in videos]
+    if args.camera is not None:
+        sources.append(video.camera_source(args.camera, args.out_dir))
+    for src in sources:
+        video.check_writer(src.video_path, args.fourcc or video.default_fourcc(src.video_path))
+    if args.show and sources:
+        video.check_gui()
+    predictor = predictor_from_config(config, args.torch_weights, args.checkpoint, args.step)
+    if paths:
+        records = predict_paths(predictor, paths, args.out_dir, args.score_thr)
+        skipped = len(paths) - len(records)
+        note = f" (skipped {skipped} unreadable, listed in {SKIPPED_JSON})" if skipped else ""
+        print(f"wrote {len(records)} drawn images and predictions.json to {args.out_dir}{note}")
+    for src in sources:
+        if src.name.startswith("camera"):
+            log.info(f"{src.name}: press Ctrl-C{' (or q in the window)' if args.show else ''} "
+                     "to stop")  # fmt: skip
+        result = video.run_stream(
+            predictor, src.capture, src.name, src.video_path, src.json_path, args.fourcc,
+            args.score_thr, args.max_frames, args.show,
+        )  # fmt: skip
+        print(f"wrote {src.video_path} ({len(result.frames)} frames, {result.end}) and "
+              f"{src.json_path}")  # fmt: skip
+        if result.end == video.CTRL_C:  # the user wants to stop, not the next video
+            break
 
 
 if __name__ == "__main__":

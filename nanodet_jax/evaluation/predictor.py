@@ -39,6 +39,16 @@ class Detections:
     def __len__(self) -> int:
         return len(self.scores)
 
+    def to_json(self, class_names: Sequence[str]) -> list[dict]:
+        """One ``{box_xyxy, score, class_id, class_name}`` per detection, rounded (0.01 px,
+        1e-4 score): the entries of predict's ``predictions.json`` and video JSON."""
+        return [
+            {"box_xyxy": [round(v, 2) for v in box], "score": round(score, 4),
+             "class_id": label, "class_name": class_names[label]}
+            for box, score, label in zip(self.boxes.tolist(), self.scores.tolist(),
+                                         self.labels.tolist())
+        ]  # fmt: skip
+
 
 @dataclasses.dataclass
 class PreparedImage:
