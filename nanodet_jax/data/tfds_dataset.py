@@ -1,14 +1,17 @@
-"""Prepared TFDS detection datasets (array_record), read without TensorFlow.
+"""Prepared TFDS detection datasets (array_record or tfrecord), read without TensorFlow.
 
-``TFDSDataset(dir, split)`` reads ``tfds.builder_from_directory(dir)`` through
-``as_data_source`` (random access, TF-free). Expected features, as TFDS's ``coco/2017``:
-``image`` (encoded, or a uint8 array), ``objects/bbox`` (normalised ymin, xmin, ymax,
-xmax), ``objects/label``; optional ``objects/is_crowd`` (-> ignore boxes),
-``objects/area``, ``image/id`` (default: position + 1), ``image/filename``.
+``TFDSDataset(dir, split)`` reads ``tfds.builder_from_directory(dir)``: array_record
+through ``as_data_source``, tfrecord (TFDS's default format) through
+:class:`nanodet_jax.data.tfrecord.TFRecordSource` (both random access, TF-free).
+Expected features, as TFDS's ``coco/2017``: ``image`` (encoded, or a uint8 array),
+``objects/bbox`` (normalised ymin, xmin, ymax, xmax), ``objects/label``; optional
+``objects/is_crowd`` (-> ignore boxes), ``objects/area``, ``image/id`` (default:
+position + 1), ``image/filename``.
 Labels are mapped to the config's ``class_names`` by name when the label feature has
 names. Images are kept encoded and decoded by ``cv2.imdecode`` (BGR, like ``read_image``)
 when a sample is loaded; the annotations are read once, up front (this reads the whole
-split once, as the image bytes sit in the same records).
+split once, as the image bytes sit in the same records). A record that cannot be read
+then (a damaged tfrecord record: file and byte offset) is skipped with a warning.
 """
 
 from __future__ import annotations
@@ -27,6 +30,8 @@ from nanodet_jax.data.coco import ImageReadError
 from nanodet_jax.data.image_integrity import truncation_problem_bytes
 from nanodet_jax.data.image_size import encoded_image_size
 from nanodet_jax.data.raw import RawAnnotation, RawDataset, RawImage
+from nanodet_jax.data.tfrecord import TFRecordSource
+from nanodet_jax.errors import ConfigError
 
 log = logging.getLogger("nanodet_jax")
 
@@ -109,18 +114,33 @@ class TFDSImageSource:
                 builder = tfds.builder_from_directory(self.data_dir)
                 # Keep images encoded: cv2 decodes them exactly as it decodes files.
                 decoders = {"image": tfds.decode.SkipDecoding()} if self.encoded else None
-                self._ds = builder.as_data_source(self.split, decoders=decoders)
+                file_format = builder.info.file_format
+                if file_format == tfds.core.FileFormat.TFRECORD:
+                    instructions = builder.info.splits[self.split].file_instructions
+                    self._ds = TFRecordSource(instructions, builder.info.features, decoders)
+                elif file_format == tfds.core.FileFormat.ARRAY_RECORD:
+                    self._ds = builder.as_data_source(self.split, decoders=decoders)
+                else:
+                    raise ConfigError(
+                        f"{self.data_dir}: file format {file_format.value!r} is not read; "
+                        "prepare it as tfrecord or array_record"
+                    )
         return self._ds
+
+    def example(self, index: int) -> dict:
+        """The decoded example (image kept encoded), or an ImageReadError naming it."""
+        try:
+            return self.open()[index]
+        except ImageReadError:  # names its file and byte offset already
+            raise
+        except Exception as e:  # array_record / parsing errors carry no item name
+            raise ImageReadError(f"{self.item_name(index)}: cannot read the item ({e})") from e
 
     def item_name(self, index: int) -> str:
         return f"{self.data_dir}[{self.split}][{index}]"
 
     def load_image(self, index: int) -> np.ndarray:
-        try:
-            example = self.open()[index]
-        except Exception as e:  # array_record / parsing errors carry no item name
-            raise ImageReadError(f"{self.item_name(index)}: cannot read the item ({e})") from e
-        return decode_image(example["image"], self.item_name(index))
+        return decode_image(self.example(index)["image"], self.item_name(index))
 
     def __getstate__(self) -> dict:  # picklable for worker processes: reopen there
         return {"data_dir": self.data_dir, "split": self.split, "encoded": self.encoded}
@@ -157,8 +177,17 @@ class TFDSDataset(RawDataset):
         self.tfds_names = tfds_names
         encoded = isinstance(features["image"], tfds.features.Image)
         self.source = TFDSImageSource(self.data_dir, self.split, encoded)
-        ds = self.source.open()
-        self._finish([self._raw(i, ds[i]) for i in range(len(ds))])
+        raw, damaged = [], []
+        for i in range(len(self.source.open())):
+            try:
+                raw.append(self._raw(i, self.source.example(i)))
+            except ImageReadError as e:  # as a damaged image file: skipped, named
+                damaged.append(str(e))
+        if damaged:
+            log.warning(
+                f"{self.ann_file}: {len(damaged)} unreadable records skipped, e.g. {damaged[0]}"
+            )
+        self._finish(raw)
 
     def _map_labels(self, tfds_names: list[str]) -> dict[int, int]:
         """TFDS label -> config label (by name when TFDS has names, else the same int)."""

@@ -158,8 +158,14 @@ def _merge_into(version_dir: str, out_dir: str, split: str) -> None:
         json.dump(info, f, indent=2)
 
 
-def export_coco(ann_file: str, img_dir: str, out_dir: str, split: str = "train") -> str:
-    """Write split ``split`` of the COCO dataset into ``out_dir``; returns ``out_dir``."""
+def export_coco(
+    ann_file: str, img_dir: str, out_dir: str, split: str = "train",
+    file_format: str = "array_record", num_shards: int | None = None,
+) -> str:  # fmt: skip
+    """Write split ``split`` of the COCO dataset into ``out_dir``; returns ``out_dir``.
+
+    ``file_format="tfrecord"`` needs TensorFlow (TFDS writes tfrecord through it): only
+    ``tools/make_tfrecord_fixture.py`` uses it, in a separate environment."""
     tfds = import_tfds()
     with open(ann_file) as f:
         coco = json.load(f)
@@ -171,13 +177,14 @@ def export_coco(ann_file: str, img_dir: str, out_dir: str, split: str = "train")
     try:
         builder = _builder_class()(
             class_names=class_names, split=split, examples=examples,
-            data_dir=tmp, file_format="array_record",
+            data_dir=tmp, file_format=file_format,
         )  # fmt: skip
-        builder.download_and_prepare()
+        config = tfds.download.DownloadConfig(num_shards=num_shards) if num_shards else None
+        builder.download_and_prepare(download_config=config)
         _merge_into(str(builder.data_dir), out_dir, split)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    n = len(tfds.builder_from_directory(out_dir).as_data_source(split))
+    n = tfds.builder_from_directory(out_dir).info.splits[split].num_examples
     log.info(f"wrote {n} examples of split {split!r} to {out_dir}")
     return out_dir
 
