@@ -1,4 +1,5 @@
-"""CRC32C (Castagnoli), as TFRecord framing uses it, in NumPy (no extra dependency).
+"""CRC32C (Castagnoli), as TFRecord framing uses it: ``google-crc32c`` (C, part of the
+``tfds`` extra) when it is installed, else NumPy (no extra dependency).
 
 A byte-at-a-time CRC in Python runs at about 1 MB/s, too slow for image records. CRC is
 linear over GF(2), so the message is cut into ``K`` equal lanes (zero-padded in front:
@@ -81,8 +82,27 @@ def _raw(data: np.ndarray) -> int:
     return int(crc[0])
 
 
+def _google_crc32c() -> object | None:
+    try:
+        import google_crc32c
+    except ImportError:
+        return None
+    # Its pure-Python fallback is slower than ours; only the C build is worth taking.
+    return google_crc32c if google_crc32c.implementation == "c" else None
+
+
+_FAST = _google_crc32c()
+
+
 def crc32c(data: bytes | memoryview) -> int:
     """Standard CRC32C (init and final xor 0xFFFFFFFF)."""
+    if _FAST is not None:
+        return _FAST.value(bytes(data))
+    return crc32c_numpy(data)
+
+
+def crc32c_numpy(data: bytes | memoryview) -> int:
+    """:func:`crc32c` in NumPy (~45 MB/s here: 3.5 ms for a 160 KB record)."""
     arr = np.frombuffer(data, np.uint8)
     if len(arr) < 4:
         reg = _update(np.array([0xFFFFFFFF], np.uint32), arr[None, :])[0]

@@ -16,7 +16,7 @@ import pytest
 from nanodet_jax.config.defaults import nanodet_plus_config
 from nanodet_jax.data import synthetic
 from nanodet_jax.data.coco import load_image
-from nanodet_jax.data.crc32c import crc32c
+from nanodet_jax.data.crc32c import crc32c, crc32c_numpy
 from nanodet_jax.data.datasets import build_dataset
 from nanodet_jax.data.pipeline import TrainLoader
 
@@ -64,13 +64,14 @@ def bytewise_crc32c(data: bytes) -> int:
     return crc ^ 0xFFFFFFFF
 
 
-def test_crc32c():
-    assert crc32c(b"123456789") == 0xE3069283  # the standard check value
-    assert crc32c(b"") == 0 and crc32c(bytes(32)) == 0x8A9136AA  # RFC 3720 B.4
+@pytest.mark.parametrize("fn", [crc32c, crc32c_numpy], ids=["default", "numpy"])
+def test_crc32c(fn):
+    assert fn(b"123456789") == 0xE3069283  # the standard check value
+    assert fn(b"") == 0 and fn(bytes(32)) == 0x8A9136AA  # RFC 3720 B.4
     rng = np.random.default_rng(0)
     for n in (1, 3, 4, 63, 64, 65, 129, 1000, 4099):  # one lane, a few, odd counts
         data = rng.integers(0, 256, n, dtype=np.uint8).tobytes()
-        assert crc32c(data) == bytewise_crc32c(data), n
+        assert fn(data) == bytewise_crc32c(data), n
 
 
 def test_tfrecord_matches_coco_and_array_record(data):
