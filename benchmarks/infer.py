@@ -68,7 +68,7 @@ def ours(config, batch: int, repeats: int) -> dict[str, float]:
     valid = np.full((batch, 2), size, np.int32)
     u8, valid = jax.device_put(u8), jax.device_put(valid)
     t_e2e = median_seconds(
-        lambda: jax.block_until_ready(predictor._forward(predictor.state, u8, valid)), repeats
+        lambda: jax.block_until_ready(predictor.forward(u8, valid)), repeats
     )
     return {"forward": t_fwd, "end to end": t_e2e}
 

@@ -22,6 +22,8 @@ For each NanoDet config file (recursively under ``config/``):
 4. Our weights go back through ``torch_state_dict`` (what ``nanodet-convert
    --export-torch`` writes) into a fresh NanoDet model with ``load_state_dict(strict=True)``;
    the re-loaded model's output must equal step 2's reference output.
+5. The inference model with BatchNorm folded into its convolutions (what ``Predictor``
+   runs, ``nanodet_jax.models.batchnorm_folding``) against the same reference output.
 
 NanoDet-Plus: NanoDet's model always has the training-only AGM (``aux_fpn``, ``aux_head``).
 Parity runs on our *inference* model (built without them, as the predictor and the ONNX
@@ -168,6 +170,7 @@ def check_file(ref, yml: str, rel_name: str, size: int) -> dict:
     import jax.numpy as jnp
 
     from nanodet_jax.models import build_model
+    from nanodet_jax.models.batchnorm_folding import fold_batchnorm
     from nanodet_jax.weights.pytorch import torch_state_dict
 
     t0 = time.perf_counter()
@@ -180,7 +183,8 @@ def check_file(ref, yml: str, rel_name: str, size: int) -> dict:
 
     ours = build_model(config, with_aux=False)
     strict_into_ours(ours, state, inference=True)
-    ours_out = np.asarray(ours(jnp.asarray(x.transpose(0, 2, 3, 1))))
+    x_nhwc = jnp.asarray(x.transpose(0, 2, 3, 1))
+    ours_out = np.asarray(ours(x_nhwc))
     row = {
         "shape_ok": ours_out.shape == ref_out.shape,
         "ref_max": float(np.abs(ref_out).max()),
@@ -190,6 +194,9 @@ def check_file(ref, yml: str, rel_name: str, size: int) -> dict:
         "noise": rel(ref_out, torch_forward(copy.deepcopy(tm).double(), x.astype(np.float64))),
     }
     row["parity"] = rel(ours_out, ref_out) if row["shape_ok"] else float("inf")
+    # What Predictor runs: BatchNorm folded into the convolutions (batchnorm_folding.py).
+    folded, row["folds"] = fold_batchnorm(ours)
+    row["folded"] = rel(np.asarray(folded(x_nhwc)), ref_out) if row["shape_ok"] else float("inf")
     if row["shape_ok"]:
         row |= onnx_columns(ours, config, x, ours_out, ref_out)
 
@@ -224,8 +231,9 @@ def format_row(r: dict) -> str:
     if r.get("strict") and not r.get("values_equal"):
         strict = "ok, values differ"
     parity = "shape!" if not r.get("shape_ok", True) else f"{r['parity']:.1e}"
+    folded = f"{r['folded']:.1e} ({r['folds']})"
     return (
-        f"| {r['file']} | {r['model']} | {r['size']} | {parity} | {r['ref_max']:.1f} | "
+        f"| {r['file']} | {r['model']} | {r['size']} | {parity} | {folded} | {r['ref_max']:.1f} | "
         f"{r['scale']:.2g} | {r['noise']:.1e} | {format_onnx(r)} | "
         f"{strict} | {rt} | {r['seconds']:.0f} s |"
     )
@@ -259,6 +267,7 @@ def main(argv: list[str] | None = None) -> int:
         "arch/backbone/neck/head",
         "input",
         "parity",
+        "BN folded (folds)",
         "max abs ref",
         "head scale",
         "ref noise",
@@ -284,6 +293,7 @@ def main(argv: list[str] | None = None) -> int:
         bad = (
             not row["shape_ok"]
             or row["parity"] > args.tol
+            or row["folded"] > args.tol
             or not row["strict"]
             or not row["values_equal"]
             or row["round_trip"] > 1e-6

@@ -28,6 +28,8 @@ try:
 except ImportError as err:  # an optional extra: say which
     raise ImportError("ONNX export needs onnx: pip install 'nanodet-jax[onnx]'") from err
 
+from nanodet_jax.models.batchnorm_folding import NORMS as FOLDED_NORMS
+from nanodet_jax.models.batchnorm_folding import folded_conv_hwio
 from nanodet_jax.models.frozen import FrozenBatchNorm2d
 from nanodet_jax.models.layers import (
     Activation,
@@ -37,9 +39,6 @@ from nanodet_jax.models.layers import (
     Sequential,
 )
 from nanodet_jax.models.norm import BatchNorm2d, GroupNorm
-
-# Norms with fixed statistics at inference: folded into the conv before them.
-FOLDED_NORMS = (BatchNorm2d, FrozenBatchNorm2d)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -102,27 +101,18 @@ class OnnxGraph:
         return outs
 
 
-def _f64(v: Any) -> np.ndarray:
-    return np.asarray(v[...], np.float64)
-
-
 def fold_bn(
     conv: Conv2d, bn: BatchNorm2d | FrozenBatchNorm2d | None, reverse_input_channels: bool = False
 ) -> tuple[np.ndarray, np.ndarray | None]:
-    """OIHW kernel and bias of ``bn(conv(x))`` as one conv (float64 maths, float32 result);
+    """OIHW kernel and bias of ``bn(conv(x))`` as one conv (``folded_conv_hwio``);
     ``reverse_input_channels``: of ``bn(conv(x[:, ::-1]))`` instead (BGR -> RGB)."""
-    kernel = _f64(conv.weight).transpose(3, 2, 0, 1)  # HWIO -> OIHW
+    kernel, bias = folded_conv_hwio(conv, bn)
+    kernel = kernel.transpose(3, 2, 0, 1)  # HWIO -> OIHW
     if reverse_input_channels:
         if conv.groups != 1:
             raise ValueError("reversing the input channels needs an ungrouped conv")
         kernel = kernel[:, ::-1]
-    bias = None if conv.bias is None else _f64(conv.bias)
-    if bn is not None:
-        scale = _f64(bn.weight) / np.sqrt(_f64(bn.running_var) + bn.eps)
-        kernel = kernel * scale[:, None, None, None]
-        shift = _f64(bn.bias) - _f64(bn.running_mean) * scale
-        bias = shift if bias is None else bias * scale + shift
-    return kernel.astype(np.float32), None if bias is None else bias.astype(np.float32)
+    return np.ascontiguousarray(kernel), bias
 
 
 def conv(

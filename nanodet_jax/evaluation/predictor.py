@@ -24,6 +24,7 @@ from flax import nnx
 
 from nanodet_jax.data import canvas_resize, transforms
 from nanodet_jax.evaluation import postprocess
+from nanodet_jax.models.inference import InferenceModel
 
 log = logging.getLogger("nanodet_jax")
 
@@ -66,9 +67,11 @@ class Predictor:
     compiled program) — detections can differ slightly near the padded border.
     """
 
-    def __init__(self, model: nnx.Module, config: Any):
+    def __init__(self, model: nnx.Module, config: Any, fold_bn: bool = True):
         model.eval()
-        self.graphdef, self.state = nnx.split(model)
+        # BatchNorm folded, weights passed as one flat list (``model`` is not changed).
+        self.inference = InferenceModel(model, fold_bn)
+        self.graphdef, self.state = self.inference.graphdef, self.inference.state
         val = config.data.val
         self.input_wh = tuple(int(v) for v in val.input_size)
         self.keep_ratio = bool(val.keep_ratio)
@@ -85,11 +88,11 @@ class Predictor:
         )
         self.class_names = label_names(config.class_names, getattr(model, "label_map", None))
         self.truncated_images = 0  # images whose NMS hit ``nms_pre`` (see postprocess)
-        self._forward = jax.jit(self._forward_impl)
-        self._raw = jax.jit(lambda st, x: nnx.merge(self.graphdef, st)(x))
+        self.forward = self.inference.jit(self._forward_impl)
+        self._raw = self.inference.jit(lambda model, x: model(x))
 
-    def _forward_impl(self, state, images_u8, valid_hw):
-        model = nnx.merge(self.graphdef, state)
+    def _forward_impl(self, model, images_u8, valid_hw):
+        """The device part on a batch of canvases: normalisation, model, decode, NMS."""
         x = transforms.normalize(images_u8, self.mean, self.std, valid_hw)
         # The batch's canvas, static under jit: one program per canvas.
         boxes, scores = model.decode(model(x), images_u8.shape[1:3])
@@ -97,7 +100,7 @@ class Predictor:
 
     def raw_outputs(self, images: jax.Array) -> jax.Array:
         """The model's raw head output for already-normalised NHWC images."""
-        return self._raw(self.state, images)
+        return self._raw(images)
 
     def prepare(self, img: np.ndarray) -> PreparedImage:
         h, w = img.shape[:2]
@@ -122,7 +125,7 @@ class Predictor:
         for i, p in enumerate(batch):
             canvases[i] = p.canvas
             valid[i] = p.valid_hw
-        dets = jax.device_get(self._forward(self.state, canvases, valid))
+        dets = jax.device_get(self.forward(canvases, valid))
         self.truncated_images += int(np.sum(dets.truncated[:n]))
         per_image = postprocess.to_numpy_detections(
             dets.boxes[:n], dets.scores[:n], dets.labels[:n], dets.num_dets[:n]

@@ -9,6 +9,7 @@ only where NHWC requires it: conv kernels are HWIO here, OIHW in PyTorch.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Sequence
 
@@ -336,11 +337,13 @@ def max_pool_3x3_s2(x: jax.Array) -> jax.Array:
 
     The gradient goes to the *first* maximum of each window in row-major order, as
     PyTorch's kernel does. XLA's own gradient of ``reduce_window`` (select-and-scatter)
-    is ~6x slower on CPU than this tap-wise backward.
+    is ~6x slower on CPU than this tap-wise backward. The forward is the maximum of the
+    9 taps too, one fused loop: XLA:CPU's ``reduce_window`` took 1.8x its time (0.78 vs
+    1.4 ms on ShuffleNetV2's 160x160x24 stem output, one thread).
     """
-    return lax.reduce_window(
-        x, -jnp.inf, lax.max, (1, 3, 3, 1), (1, 2, 2, 1), ((0, 0), (1, 1), (1, 1), (0, 0))
-    )
+    xp = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)), constant_values=-jnp.inf)
+    out_hw = ((x.shape[1] + 1) // 2, (x.shape[2] + 1) // 2)
+    return functools.reduce(jnp.maximum, _pool_taps(xp, out_hw))
 
 
 def _max_pool_fwd(x):

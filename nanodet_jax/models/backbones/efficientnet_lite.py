@@ -93,6 +93,9 @@ def _bn(channels: int) -> BatchNorm2d:
 class MBConvBlock(nnx.Module):
     """Inverted residual: [1x1 expand] -> depthwise kxk -> 1x1 linear projection [+ input]."""
 
+    # conv -> norm pairs applied back to back (batchnorm_folding)
+    BN_FOLDS = (("_expand_conv", "_bn0"), ("_depthwise_conv", "_bn1"), ("_project_conv", "_bn2"))
+
     def __init__(
         self,
         inp: int,

@@ -79,6 +79,8 @@ class SqueezeExcite(nnx.Module):
 
 
 class ConvBnAct(nnx.Module):
+    BN_FOLDS = (("conv", "bn1"),)  # conv -> bn1 back to back (batchnorm_folding)
+
     def __init__(
         self,
         in_chs: int,
@@ -155,6 +157,8 @@ class GhostModule(nnx.Module):
 class GhostBottleneck(nnx.Module):
     """Ghost bottleneck with optional squeeze-excitation (GhostPAN uses it without)."""
 
+    BN_FOLDS = (("conv_dw", "bn_dw"),)
+
     def __init__(
         self,
         in_chs: int,
@@ -216,6 +220,8 @@ class GhostBottleneck(nnx.Module):
 
 class GhostNet(nnx.Module):
     """Returns the outputs of ``out_stages`` (indices into stages 0..9; default 1/8, 1/16, 1/32)."""
+
+    BN_FOLDS = (("conv_stem", "bn1"),)
 
     def __init__(
         self,

@@ -31,6 +31,7 @@ def _conv(cin: int, cout: int, k: int, stride: int, padding: int, rngs: nnx.Rngs
 
 
 class BasicBlock(nnx.Module):
+    BN_FOLDS = (("conv1", "bn1"), ("conv2", "bn2"))  # see batchnorm_folding
     expansion = 1
 
     def __init__(
@@ -59,6 +60,7 @@ class BasicBlock(nnx.Module):
 
 
 class Bottleneck(nnx.Module):
+    BN_FOLDS = (("conv1", "bn1"), ("conv2", "bn2"), ("conv3", "bn3"))
     expansion = 4
 
     def __init__(
@@ -92,6 +94,8 @@ class Bottleneck(nnx.Module):
 
 class ResNet(nnx.Module):
     """Returns the feature maps of ``out_stages`` (a subset of 1..4), strides 4/8/16/32."""
+
+    BN_FOLDS = (("conv1", "bn1"),)
 
     # depth -> (block type, blocks per stage). A subclass may override it (the parity
     # fixture checks a shallow Bottleneck ResNet this way, as it does with NanoDet's class).

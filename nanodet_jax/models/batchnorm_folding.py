@@ -1,0 +1,115 @@
+"""Inference models with BatchNorm folded into the convolutions before it.
+
+In eval mode ``bn(conv(x))`` is one convolution with kernel ``w * s`` and bias
+``b * s + (beta - mean * s)``, ``s = gamma / sqrt(var + eps)`` per output channel. The
+folded model skips one pass over every normalised activation (what the ONNX export and
+NanoDet's deployment runtimes do too); ``Predictor`` runs it.
+
+Which convolution a BatchNorm follows is declared, never guessed: folding is only right
+when the convolution's output feeds nothing but that BatchNorm. Three places declare it:
+
+* ``Sequential``: a ``Conv2d`` directly followed by a BatchNorm;
+* ``ConvModule`` / ``DepthwiseConvModule`` (their ``bn`` / ``dwnorm`` / ``pwnorm``);
+* any module with a class attribute ``BN_FOLDS = (("conv_attr", "bn_attr"), ...)``
+  naming pairs its ``__call__`` applies back to back (a new backbone adds one line).
+
+A BatchNorm no pair names (RepVGG's identity branch, a norm after a sum) stays as it is.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from nanodet_jax.models.frozen import FrozenBatchNorm2d
+from nanodet_jax.models.layers import Conv2d, ConvModule, DepthwiseConvModule, Sequential
+from nanodet_jax.models.norm import BatchNorm2d
+
+NORMS = (BatchNorm2d, FrozenBatchNorm2d)
+
+
+class FoldedNorm(nnx.Module):
+    """Stands where a BatchNorm was folded into the convolution before it: the identity."""
+
+    def __call__(self, x: Any) -> Any:
+        return x
+
+
+def _f64(v: Any) -> np.ndarray:
+    return np.asarray(v[...], np.float64)
+
+
+def folded_conv_hwio(
+    conv: Conv2d, bn: BatchNorm2d | FrozenBatchNorm2d | None
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """HWIO kernel and bias of ``bn(conv(x))`` as one convolution (float64 maths,
+    float32 result; ``bn`` None: the convolution's own). The output channel is HWIO's
+    last axis for grouped and depthwise kernels alike."""
+    kernel = _f64(conv.weight)
+    bias = None if conv.bias is None else _f64(conv.bias)
+    if bn is not None:
+        scale = _f64(bn.weight) / np.sqrt(_f64(bn.running_var) + bn.eps)
+        kernel = kernel * scale
+        shift = _f64(bn.bias) - _f64(bn.running_mean) * scale
+        bias = shift if bias is None else bias * scale + shift
+    return kernel.astype(np.float32), None if bias is None else bias.astype(np.float32)
+
+
+def _fold_into(conv: Conv2d, bn: BatchNorm2d | FrozenBatchNorm2d) -> None:
+    kernel, bias = folded_conv_hwio(conv, bn)
+    conv.weight = nnx.Param(jnp.asarray(kernel))
+    # nnx.data: a conv built without a bias holds None, which nnx records as static.
+    conv.bias = nnx.data(nnx.Param(jnp.asarray(bias)))
+
+
+def _pairs(module: Any) -> list[tuple[str | int, str | int]]:
+    """(conv key, norm key) pairs of ``module`` that may be folded."""
+    if isinstance(module, Sequential):
+        return [(i, i + 1) for i in range(len(module) - 1)]
+    if isinstance(module, ConvModule):
+        return [("conv", module.norm_name)] if module.norm_name else []
+    if isinstance(module, DepthwiseConvModule):
+        return [("depthwise", "dwnorm"), ("pointwise", "pwnorm")]
+    return list(getattr(type(module), "BN_FOLDS", ()))
+
+
+def _get(module: Any, key: str | int) -> Any:
+    return module[key] if isinstance(key, int) else getattr(module, key, None)
+
+
+def _set(module: Any, key: str | int, value: Any) -> None:
+    if isinstance(key, int):
+        module[key] = value
+    else:
+        setattr(module, key, value)
+
+
+def _children(module: Any) -> list[Any]:
+    if isinstance(module, nnx.List):
+        return list(module)
+    return [v for v in vars(module).values() if isinstance(v, (nnx.Module, nnx.List))]
+
+
+def _fold_tree(module: Any) -> int:
+    count = 0
+    for conv_key, norm_key in _pairs(module):
+        conv, norm = _get(module, conv_key), _get(module, norm_key)
+        if isinstance(conv, Conv2d) and isinstance(norm, NORMS):
+            _fold_into(conv, norm)
+            _set(module, norm_key, FoldedNorm())
+            count += 1
+    for child in _children(module):
+        count += _fold_tree(child)
+    return count
+
+
+def fold_batchnorm(model: nnx.Module) -> tuple[nnx.Module, int]:
+    """An eval-mode copy of ``model`` with every declared conv -> BatchNorm pair folded,
+    and the number folded; ``model`` itself is not changed. The copy is for inference
+    only: its parameters no longer map onto the PyTorch state_dict."""
+    folded = nnx.merge(*nnx.split(model))  # a deep copy (no shared arrays are mutated)
+    folded.eval()
+    return folded, _fold_tree(folded)
