@@ -261,7 +261,11 @@ def _train(
     progress = history.progress(total_steps, start)
     pending = None  # metrics of the previous step, checked after the next is dispatched
     t_last, images_since = time.perf_counter(), 0
+    # Seconds spent waiting for the loader's next batch: its share of the wall time says
+    # whether the device is starved (docs/distributed.md, "Feeding an accelerator").
+    data_wait, t_asked = 0.0, t_last
     for epoch, step_in_epoch, local_batch in loader(start_epoch, start_in_epoch):
+        data_wait += time.perf_counter() - t_asked
         step = epoch * steps_per_epoch + step_in_epoch
         if step >= total_steps:
             break
@@ -279,7 +283,8 @@ def _train(
             values = history.check_finite(*pending)
             now = time.perf_counter()
             values["img_per_s"] = images_since / (now - t_last)
-            t_last, images_since = now, 0
+            values["data_wait"] = data_wait / (now - t_last)
+            t_last, images_since, data_wait = now, 0, 0.0
             history.log_train(done, epoch, values)
         progress.update(1)
         end_of_epoch = step_in_epoch == steps_per_epoch - 1
@@ -302,6 +307,7 @@ def _train(
             )
             stopped_by = stop.signal_name
             break
+        t_asked = time.perf_counter()
     if pending is not None:
         history.check_finite(*pending)
     mngr.wait_until_finished()

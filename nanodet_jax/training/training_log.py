@@ -132,6 +132,8 @@ class TrainingLog:
             f"ep {epoch + 1} loss {values['loss']:.3f} ({main}, aux {aux:.3f}) "
             f"lr {values.get('lr', float('nan')):.2e} {values['img_per_s']:.1f} img/s"
         )
+        if "data_wait" in values:  # share of the wall time spent waiting for input
+            text += f" (data wait {100 * values['data_wait']:.0f}%)"
         if self._bar is not None and not self._bar.disable:
             self._bar.set_postfix_str(text, refresh=False)
             self._bar.write(f"step {step}: {text}")  # a line above the bar, kept in logs

@@ -125,6 +125,9 @@ def test_resume_continues_exactly(shapes, uninterrupted_run, tmp_path):
     assert all(np.isfinite(v) for v in reference.values())
     evals = [json.loads(line) for line in open(full / "metrics.jsonl")]
     assert any(r["kind"] == "eval" for r in evals)  # the final step evaluated the EMA
+    # The loader-wait share of every logged interval (docs/distributed.md).
+    waits = [r["data_wait"] for r in evals if r["kind"] == "train"]
+    assert len(waits) == STEPS and all(0 <= w <= 1 for w in waits), waits
     assert (full / "curves.png").exists() and (full / "best").is_dir()
 
     # An interrupted run: train.py gets SIGTERM (a preemption) once it has logged step 1;
