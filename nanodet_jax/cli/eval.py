@@ -13,10 +13,10 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
 import time
 
+from nanodet_jax import paths
 from nanodet_jax.cli import common as cli
 from nanodet_jax.data.coco import require_image_files
 from nanodet_jax.data.datasets import build_dataset
@@ -86,7 +86,7 @@ def main(argv: list[str] | None = None) -> dict:
     out_dir = args.out_dir
     if out_dir:
         coco_eval.write_results(out_dir, dets, metrics)
-        print(f"wrote {os.path.join(out_dir, 'detections.json')} and metrics.json")
+        print(f"wrote {paths.join(out_dir, 'detections.json')} and metrics.json")
     return metrics
 
 

@@ -29,14 +29,13 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-import cv2
-
+from nanodet_jax import paths
 from nanodet_jax.cli import common as cli
 from nanodet_jax.config.loading import load_config, split_overrides
 from nanodet_jax.data.coco import ImageReadError, read_image
 from nanodet_jax.evaluation import video
 from nanodet_jax.evaluation.predictor import Detections, Predictor
-from nanodet_jax.evaluation.visualize import draw_detections
+from nanodet_jax.evaluation.visualize import draw_detections, write_image
 from nanodet_jax.models import build_model
 
 log = logging.getLogger("nanodet_jax")
@@ -74,17 +73,17 @@ def predictor_from_config(
 
 def image_paths(inputs: Sequence[str]) -> list[str]:
     """Files as given; folders expanded to their images (sorted)."""
-    paths = []
+    found = []
     for item in inputs:
-        if os.path.isdir(item):
-            paths += sorted(
-                os.path.join(item, f)
-                for f in os.listdir(item)
+        if paths.isdir(item):
+            found += sorted(
+                paths.join(item, f)
+                for f in paths.listdir(item)
                 if f.lower().endswith(IMAGE_EXTENSIONS)
             )
         else:
-            paths.append(item)
-    return paths
+            found.append(item)
+    return found
 
 
 def detections_json(path: str, det: Detections, class_names: Sequence[str]) -> dict:
@@ -92,13 +91,13 @@ def detections_json(path: str, det: Detections, class_names: Sequence[str]) -> d
 
 
 def predict_paths(
-    predictor: Predictor, paths: Sequence[str], out_dir: str, score_thr: float = 0.35
+    predictor: Predictor, image_files: Sequence[str], out_dir: str, score_thr: float = 0.35
 ) -> list[dict]:
     """Run on image files; write drawn images, predictions.json and skipped.json (the
     unreadable files, ``{"file", "error"}`` each) into ``out_dir``."""
-    os.makedirs(out_dir, exist_ok=True)
+    paths.makedirs(out_dir)
     records, skipped = [], []
-    for path in paths:
+    for path in image_files:
         try:
             img = read_image(path)
         except ImageReadError as err:  # one bad file in a folder must not cost the rest
@@ -109,18 +108,16 @@ def predict_paths(
         drawn = draw_detections(
             img, det.boxes, det.scores, det.labels, predictor.class_names, score_thr
         )
-        cv2.imwrite(os.path.join(out_dir, os.path.basename(path)), drawn)
+        write_image(paths.join(out_dir, os.path.basename(path)), drawn)
         records.append(detections_json(path, det, predictor.class_names))
         kept = sum(s > score_thr for s in det.scores)
         names = sorted({predictor.class_names[int(lbl)] for lbl, s in zip(det.labels, det.scores)
                         if s > score_thr})  # fmt: skip
         log.info(f"{path}: {kept} objects above {score_thr}: {', '.join(names) or '-'}")
-    with open(os.path.join(out_dir, "predictions.json"), "w") as f:
-        json.dump(records, f, indent=1)
+    paths.write_text(paths.join(out_dir, "predictions.json"), json.dumps(records, indent=1))
     # Beside predictions.json, whose list stays one entry per predicted image; written
     # even when empty, so that one from an earlier run in the same folder cannot mislead.
-    with open(os.path.join(out_dir, SKIPPED_JSON), "w") as f:
-        json.dump(skipped, f, indent=1)
+    paths.write_text(paths.join(out_dir, SKIPPED_JSON), json.dumps(skipped, indent=1))
     return records
 
 
@@ -161,12 +158,12 @@ def main(argv: list[str] | None = None) -> None:
     config = cli.read_config(args.config, overrides)
     cli.check_data_config(config)
     videos = [i for i in args.inputs if video.is_video(i)]
-    paths = image_paths([i for i in args.inputs if not video.is_video(i)])
-    if len(videos) < len(args.inputs) and not paths:
+    images = image_paths([i for i in args.inputs if not video.is_video(i)])
+    if len(videos) < len(args.inputs) and not images:
         p.error("no images found in the given inputs")
     # Every video and the camera opened, the codec tried and --show checked before the
     # model is built: a mistake costs no compile.
-    os.makedirs(args.out_dir, exist_ok=True)
+    paths.makedirs(args.out_dir)
     sources = [video.video_source(v, args.out_dir) for v in videos]
     if args.camera is not None:
         sources.append(video.camera_source(args.camera, args.out_dir))
@@ -175,9 +172,9 @@ def main(argv: list[str] | None = None) -> None:
     if args.show and sources:
         video.check_gui()
     predictor = predictor_from_config(config, args.torch_weights, args.checkpoint, args.step)
-    if paths:
-        records = predict_paths(predictor, paths, args.out_dir, args.score_thr)
-        skipped = len(paths) - len(records)
+    if images:
+        records = predict_paths(predictor, images, args.out_dir, args.score_thr)
+        skipped = len(images) - len(records)
         note = f" (skipped {skipped} unreadable, listed in {SKIPPED_JSON})" if skipped else ""
         print(f"wrote {len(records)} drawn images and predictions.json to {args.out_dir}{note}")
     for src in sources:

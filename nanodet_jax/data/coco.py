@@ -13,14 +13,14 @@ import io
 import json
 import logging
 import math
-import os
 from collections.abc import Sequence
 from typing import Any, Protocol
 
 import cv2
 import numpy as np
 
-from nanodet_jax.data.image_integrity import truncation_problem
+from nanodet_jax import paths
+from nanodet_jax.data.image_integrity import truncation_problem_bytes
 from nanodet_jax.errors import UserError
 
 log = logging.getLogger("nanodet_jax")
@@ -111,25 +111,41 @@ class ImageSource(Protocol):
 
 def read_image(path: str) -> np.ndarray:
     """BGR uint8 HWC image, or :class:`ImageReadError` naming the file and the problem
-    (missing, truncated JPEG / PNG, undecodable)."""
-    if not os.path.isfile(path):
-        raise ImageReadError(f"{path}: image file not found")
+    (missing, truncated JPEG / PNG, undecodable). The bytes come through the path layer
+    (a ``gs://`` image too) and are decoded in memory: the same pixels as ``cv2.imread``,
+    EXIF orientation included."""
+    try:
+        data = paths.read_bytes(path)
+    except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+        raise ImageReadError(f"{path}: image file not found") from None
+    return decode_image(data, path)
+
+
+def imdecode(data: bytes) -> np.ndarray | None:
+    """``cv2.imread``'s result for a file holding ``data`` (None if undecodable)."""
+    # imdecode asserts on an empty buffer, where imread returns None.
+    return cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR) if data else None
+
+
+def decode_image(data: bytes, name: str) -> np.ndarray:
+    """:func:`read_image` of encoded bytes; ``name`` is the file the messages name."""
     # Before decoding: cv2 decodes a cut JPEG as a half-grey image without failing.
-    problem = truncation_problem(path)
+    problem = truncation_problem_bytes(data)
     if problem is not None:
-        raise ImageReadError(f"{path}: {problem}")
-    img = cv2.imread(path, cv2.IMREAD_COLOR)
+        raise ImageReadError(f"{name}: {problem}")
+    img = imdecode(data)
     if img is None:
-        raise ImageReadError(f"{path}: cannot decode image (corrupt or not an image)")
+        raise ImageReadError(f"{name}: cannot decode image (corrupt or not an image)")
     return img
 
 
 def require_image_files(records: Sequence[ImageRecord], ann_file: str) -> None:
     """Evaluation is over the whole annotation file, as NanoDet's (a mAP over the rest
     would compare with nothing): a :class:`UserError` naming the first missing files.
-    One stat per image, cheap enough to run before a model is built; a truncated or
-    undecodable image is found when decoded (an :class:`ImageReadError` naming it)."""
-    missing = [r.path for r in records if r.source is None and not os.path.isfile(r.path)]
+    One stat per image (remotely one listing per folder), cheap enough to run before a
+    model is built; a truncated or undecodable image is found when decoded (an
+    :class:`ImageReadError` naming it)."""
+    missing = paths.missing_files([r.path for r in records if r.source is None])
     if missing:
         more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
         raise UserError(
@@ -152,12 +168,12 @@ class CocoDetection:
     def __init__(self, ann_file: str, img_dir: str):
         from pycocotools.coco import COCO
 
-        if not os.path.isfile(ann_file):
+        if not paths.isfile(ann_file):
             raise FileNotFoundError(f"{ann_file}: annotation file not found")
-        if not os.path.isdir(img_dir):
+        if not paths.isdir(img_dir):
             raise FileNotFoundError(f"{img_dir}: image folder not found")
         try:
-            with open(ann_file, encoding="utf-8") as f:
+            with paths.open_file(ann_file) as f:
                 data = json.load(f)
         except (ValueError, UnicodeDecodeError) as e:  # cut, zero-length, damaged bytes
             raise AnnotationError(f"{ann_file}: not a valid COCO annotation file ({e})") from e
@@ -202,7 +218,7 @@ class CocoDetection:
                 labels.append(self.cat2label[ann["category_id"]])
         return ImageRecord(
             image_id=img_id,
-            path=os.path.join(self.img_dir, info["file_name"]),
+            path=paths.join(self.img_dir, info["file_name"]),
             width=int(info["width"]),
             height=int(info["height"]),
             boxes=np.asarray(boxes, np.float32).reshape(-1, 4),

@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 
+from nanodet_jax import paths
 from nanodet_jax.data.coco import AnnotationError, CocoDetection, ImageReadError
 from nanodet_jax.data.image_size import image_size
 from nanodet_jax.data.raw import Box, RawAnnotation, RawDataset, RawImage
@@ -35,14 +36,9 @@ YOLO_IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tiff")
 def _files(folder: str, suffix: str) -> list[str]:
     """Paths (relative to ``folder``) of the files with ``suffix``, sorted: NanoDet walks
     in os.walk order, which is filesystem-dependent; sorting makes image ids stable."""
-    if not os.path.isdir(folder):
+    if not paths.isdir(folder):
         raise FileNotFoundError(f"{folder}: annotation folder not found")
-    found = []
-    for root, _dirs, names in os.walk(folder):
-        found += [
-            os.path.relpath(os.path.join(root, n), folder) for n in names if n.endswith(suffix)
-        ]
-    return sorted(found)
+    return sorted(rel for rel in paths.walk_files(folder) if rel.endswith(suffix))
 
 
 class _WarnOnce:
@@ -88,20 +84,21 @@ class XMLDataset(RawDataset):
         warn = _WarnOnce()
         raw = []
         for idx, rel in enumerate(_files(ann_dir, ".xml")):
-            xml_path = os.path.join(ann_dir, rel)
+            xml_path = paths.join(ann_dir, rel)
             raw.append(self._parse(xml_path, idx + 1, index, difficult, warn))
         self._finish(raw)
 
     def _parse(self, xml_path: str, image_id: int, index: Mapping[str, int], difficult: str,
                warn: _WarnOnce) -> RawImage:  # fmt: skip
         try:
-            root = ET.parse(xml_path).getroot()
+            with paths.open_file(xml_path, "rb") as f:  # bytes: the XML declares its encoding
+                root = ET.parse(f).getroot()
         except ET.ParseError as e:  # also a cut, empty or byte-damaged file
             raise AnnotationError(f"{xml_path}: malformed XML ({e})") from e
         file_name = (root.findtext("filename") or "").strip()
         if not file_name:
             raise AnnotationError(f"{xml_path}: no <filename>")
-        path = os.path.join(self.img_dir, file_name)
+        path = paths.join(self.img_dir, file_name)
         size = root.find("size")
         try:
             width, height = int(size.findtext("width")), int(size.findtext("height"))
@@ -160,9 +157,11 @@ class YoloDataset(RawDataset):
         self.img_dir, self.ann_file = img_dir, ann_dir
         self.class_names = list(class_names)
         self.skipped: list[str] = []  # txt files whose image is missing or unreadable
+        # Remote: one listing, not up to five stats (requests) per txt file.
+        self._listed = set(paths.walk_files(img_dir)) if paths.is_remote(img_dir) else None
         raw = []
         for idx, rel in enumerate(_files(ann_dir, ".txt")):
-            img = self._parse(os.path.join(ann_dir, rel), rel, idx + 1)
+            img = self._parse(paths.join(ann_dir, rel), rel, idx + 1)
             if img is not None:
                 raw.append(img)
         self._finish(raw)
@@ -170,8 +169,12 @@ class YoloDataset(RawDataset):
     def _find_image(self, rel_txt: str) -> str | None:
         stem = os.path.splitext(rel_txt)[0]
         for suffix in YOLO_IMAGE_SUFFIXES:
-            if os.path.isfile(os.path.join(self.img_dir, stem + suffix)):
-                return stem + suffix
+            name = stem + suffix
+            if self._listed is not None:
+                if name in self._listed:
+                    return name
+            elif paths.isfile(paths.join(self.img_dir, name)):
+                return name
         return None
 
     def _parse(self, txt_path: str, rel: str, image_id: int) -> RawImage | None:
@@ -182,7 +185,7 @@ class YoloDataset(RawDataset):
             )
             log.warning(f"skipping {self.skipped[-1]}")
             return None
-        path = os.path.join(self.img_dir, file_name)
+        path = paths.join(self.img_dir, file_name)
         try:
             width, height = image_size(path)
         except ImageReadError as e:
@@ -191,8 +194,7 @@ class YoloDataset(RawDataset):
             return None
         anns = []
         try:
-            with open(txt_path, encoding="utf-8") as f:
-                lines = f.read().splitlines()
+            lines = paths.read_text(txt_path).splitlines()
         except UnicodeDecodeError as e:  # damaged bytes
             raise AnnotationError(f"{txt_path}: not a text file ({e})") from None
         for n, line in enumerate(lines, start=1):
@@ -257,7 +259,7 @@ class CocoDataset(CocoDetection):
                 anns.append(RawAnnotation(box, label, name, box, ignore, ann.get("area", w * h)))
             raw.append(
                 RawImage(info.get("id"), info.get("file_name", ""),
-                         os.path.join(self.img_dir, info.get("file_name", "")),
+                         paths.join(self.img_dir, info.get("file_name", "")),
                          int(info.get("width", 0)), int(info.get("height", 0)), anns,
                          self.ann_file)
             )  # fmt: skip

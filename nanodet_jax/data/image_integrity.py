@@ -23,6 +23,8 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+from nanodet_jax import paths
+
 JPEG_SOI, JPEG_SOS, JPEG_EOI = b"\xff\xd8", b"\xff\xda", b"\xff\xd9"
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 PNG_IEND = b"IEND\xaeB`\x82"  # chunk type + its CRC, the same in every PNG
@@ -47,7 +49,7 @@ def _problem(head: bytes, tail: bytes, whole: Callable[[], bytes]) -> str | None
 
 def truncation_problem(path: str) -> str | None:
     """Why the JPEG / PNG file at ``path`` is cut short, or None (also for other formats)."""
-    with open(path, "rb") as f:
+    with paths.open_file(path, "rb") as f:  # seekable remotely too: ranged reads
         head = f.read(len(PNG_SIGNATURE))
         size = f.seek(0, 2)
         f.seek(max(0, size - TAIL_BYTES))

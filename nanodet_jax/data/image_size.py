@@ -11,14 +11,11 @@ back to a full decode.
 from __future__ import annotations
 
 import io
-import os
 import struct
 from typing import BinaryIO
 
-import cv2
-import numpy as np
-
-from nanodet_jax.data.coco import ImageReadError
+from nanodet_jax import paths
+from nanodet_jax.data.coco import ImageReadError, imdecode
 
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 # Start-of-frame markers (baseline, progressive, lossless, arithmetic); not C4/C8/CC.
@@ -104,19 +101,17 @@ def _header_size(f: BinaryIO) -> tuple[int, int] | None:
 
 def image_size(path: str) -> tuple[int, int]:
     """(width, height) of the image file as ``read_image`` would return it."""
-    if not os.path.isfile(path):
-        raise ImageReadError(f"{path}: image file not found")
-    with open(path, "rb") as f:
-        try:
-            size = _header_size(f)
-        except (struct.error, OSError, ValueError):
-            size = None
+    try:
+        with paths.open_file(path, "rb") as f:
+            try:
+                size = _header_size(f)
+            except (struct.error, OSError, ValueError):
+                size = None
+    except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+        raise ImageReadError(f"{path}: image file not found") from None
     if size is not None:
         return size
-    img = cv2.imread(path, cv2.IMREAD_COLOR)
-    if img is None:
-        raise ImageReadError(f"{path}: cannot decode image (corrupt or not an image)")
-    return img.shape[1], img.shape[0]
+    return encoded_image_size(paths.read_bytes(path), path)
 
 
 def encoded_image_size(data: bytes, name: str) -> tuple[int, int]:
@@ -127,7 +122,7 @@ def encoded_image_size(data: bytes, name: str) -> tuple[int, int]:
         size = None
     if size is not None:
         return size
-    img = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
+    img = imdecode(data)
     if img is None:
         raise ImageReadError(f"{name}: cannot decode image (corrupt or not an image)")
     return img.shape[1], img.shape[0]

@@ -22,6 +22,8 @@ from concurrent.futures import ThreadPoolExecutor
 import cv2
 import numpy as np
 
+from nanodet_jax import paths
+
 CLASSES = ("circle", "square", "triangle")
 SPLITS = {"train": 1, "val": 2}  # part of each image's seed
 BACKGROUNDS = ("noise", "gradient", "stripes", "blotches")
@@ -145,9 +147,9 @@ def image_rng(seed: int, split: str, index: int) -> np.random.Generator:
 
 def write_split(out_dir: str, split: str, count: int, size: int, seed: int) -> str:
     """Write one split's JPEGs and COCO json; returns the json path."""
-    img_dir = os.path.join(out_dir, split)
-    os.makedirs(img_dir, exist_ok=True)
-    os.makedirs(os.path.join(out_dir, "annotations"), exist_ok=True)
+    img_dir = paths.join(out_dir, split)
+    paths.makedirs(img_dir)
+    paths.makedirs(paths.join(out_dir, "annotations"))
 
     def one(index: int) -> tuple[dict, list[dict]]:
         sample = render_image(image_rng(seed, split, index), size)
@@ -156,8 +158,7 @@ def write_split(out_dir: str, split: str, count: int, size: int, seed: int) -> s
         ok, data = cv2.imencode(".jpg", sample.image, [cv2.IMWRITE_JPEG_QUALITY, 92])
         if not ok:
             raise OSError(f"cannot encode {name}")
-        with open(os.path.join(img_dir, name), "wb") as f:
-            f.write(data.tobytes())
+        paths.write_bytes(paths.join(img_dir, name), data.tobytes())
         h, w = sample.image.shape[:2]
         anns = []
         for box, label, mask in zip(sample.boxes, sample.labels, sample.masks):
@@ -187,9 +188,8 @@ def write_split(out_dir: str, split: str, count: int, size: int, seed: int) -> s
             {"id": i + 1, "name": name, "supercategory": "shape"} for i, name in enumerate(CLASSES)
         ],
     }
-    path = os.path.join(out_dir, "annotations", f"instances_{split}.json")
-    with open(path, "w") as f:
-        json.dump(coco, f)
+    path = paths.join(out_dir, "annotations", f"instances_{split}.json")
+    paths.write_text(path, json.dumps(coco))
     return path
 
 
@@ -213,13 +213,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--size", type=int, default=320, help="image width in pixels")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
-    paths = write_dataset(args.out, args.train, args.val, args.size, args.seed)
-    out = os.path.abspath(args.out)
+    anns = write_dataset(args.out, args.train, args.val, args.size, args.seed)
+    out = paths.abspath(args.out)
     print(f"wrote {args.train} train / {args.val} val images to {out}")
     print("train with e.g.:")
     print(
-        f"  --config.data.train.img_dir={out}/train --config.data.train.ann_file={paths['train']}"
-        f" --config.data.val.img_dir={out}/val --config.data.val.ann_file={paths['val']}"
+        f"  --config.data.train.img_dir={out}/train --config.data.train.ann_file={anns['train']}"
+        f" --config.data.val.img_dir={out}/val --config.data.val.ann_file={anns['val']}"
         f' --config.class_names="{list(CLASSES)}"'
     )
 

@@ -7,12 +7,12 @@ import copy
 import io
 import json
 import logging
-import os
 from collections.abc import Iterator, Sequence
 
 import grain
 import numpy as np
 
+from nanodet_jax import paths
 from nanodet_jax.data.coco import CocoDetection, ImageRecord, load_image
 from nanodet_jax.evaluation.predictor import Detections, Predictor, PreparedImage
 
@@ -214,8 +214,7 @@ def per_class_table(per_class: dict, columns: int = 3) -> str:
 
 
 def write_results(out_dir: str, dets: list[dict], metrics: dict) -> None:
-    os.makedirs(out_dir, exist_ok=True)
-    with open(os.path.join(out_dir, "detections.json"), "w") as f:
-        json.dump(dets, f)
-    with open(os.path.join(out_dir, "metrics.json"), "w") as f:
-        json.dump({"stats": metrics["stats"], "per_class": metrics["per_class"]}, f, indent=1)
+    paths.makedirs(out_dir)
+    paths.write_text(paths.join(out_dir, "detections.json"), json.dumps(dets))
+    summary = {"stats": metrics["stats"], "per_class": metrics["per_class"]}
+    paths.write_text(paths.join(out_dir, "metrics.json"), json.dumps(summary, indent=1))

@@ -25,6 +25,7 @@ from typing import Any, Protocol
 
 import cv2
 
+from nanodet_jax import paths
 from nanodet_jax.errors import UserError
 from nanodet_jax.evaluation.predictor import Predictor
 from nanodet_jax.evaluation.visualize import draw_detections
@@ -65,6 +66,8 @@ def is_video(path: str) -> bool:
 
 def open_video(path: str) -> cv2.VideoCapture:
     """A capture of the video file, or :class:`VideoError` naming it."""
+    if paths.is_remote(path):
+        raise VideoError(f"{path}: OpenCV reads videos from local files only; copy it here")
     if not os.path.isfile(path):
         raise VideoError(f"{path}: video file not found")
     capture = cv2.VideoCapture(path)
@@ -141,6 +144,9 @@ def frame_count(capture: Any) -> int | None:
 
 def output_paths(out_dir: str, stem: str, ext: str) -> tuple[str, str]:
     """The drawn video (``ext`` if we know a codec for it, else .mp4) and its JSON."""
+    if paths.is_remote(out_dir):
+        raise VideoError(f"{out_dir}: OpenCV writes videos to local files only; give a local "
+                         "--out-dir for videos and cameras")  # fmt: skip
     ext = ext.lower() if ext.lower() in FOURCC_BY_EXT else ".mp4"
     return os.path.join(out_dir, stem + ext), os.path.join(out_dir, stem + ".json")
 

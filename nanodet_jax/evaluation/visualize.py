@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import colorsys
+import io
+import os
 from collections.abc import Sequence
 
 import cv2
 import numpy as np
+
+from nanodet_jax import paths
 
 
 def class_color(label: int) -> tuple[int, int, int]:
@@ -42,6 +46,15 @@ def draw_detections(
     return out
 
 
+def write_image(path: str, img: np.ndarray) -> None:
+    """``cv2.imwrite`` through the path layer (a ``gs://`` out-dir too): the same bytes,
+    encoded in memory in the format the name's extension gives."""
+    ok, data = cv2.imencode(os.path.splitext(path)[1], img)
+    if not ok:
+        raise ValueError(f"{path}: OpenCV cannot encode an image with this extension")
+    paths.write_bytes(path, data.tobytes())
+
+
 def plot_training_curves(records: Sequence[dict], path: str) -> None:
     """Loss terms, learning rate and val mAP against the step, as one PNG."""
     import matplotlib
@@ -69,5 +82,7 @@ def plot_training_curves(records: Sequence[dict], path: str) -> None:
     for ax in axes:
         ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path, dpi=90)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=90)
     plt.close(fig)
+    paths.write_atomic(path, buf.getvalue())  # rewritten at each evaluation

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import time
 from typing import Any
 
@@ -19,6 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from nanodet_jax import paths
 from nanodet_jax.data import transforms
 from nanodet_jax.data.coco import CocoDetection, load_image, require_image_files
 from nanodet_jax.data.datasets import build_dataset
@@ -52,15 +52,15 @@ def check_classes(model: Detector, dataset: CocoDetection) -> None:
 
 def record_samples(workdir: str, step: int, epoch: int, image_ids: np.ndarray) -> None:
     """Which images this process trained on at a step (``--log_samples``)."""
-    path = os.path.join(workdir, f"samples_p{jax.process_index()}.jsonl")
-    with open(path, "a") as f:
-        f.write(json.dumps({"step": step, "epoch": epoch, "image_ids": image_ids.tolist()}) + "\n")
+    path = paths.join(workdir, f"samples_p{jax.process_index()}.jsonl")
+    record = {"step": step, "epoch": epoch, "image_ids": image_ids.tolist()}
+    paths.append_text(path, json.dumps(record) + "\n")
 
 
 def best_record(workdir: str) -> float:
     """The metric ``best/`` was written with (-1 if none)."""
-    best = os.path.join(workdir, "best")
-    if not os.path.isdir(best):
+    best = paths.join(workdir, "best")
+    if not paths.isdir(best):
         return -1.0
     return float(checkpoint.read_meta(best).get("best_map", -1.0))
 
@@ -77,7 +77,7 @@ def make_synthetic_data(spec: Any) -> None:
 
 def init_weights(model: Detector, source: str) -> None:
     """Fine-tuning start point: NanoDet .pth/.ckpt or one of our checkpoint directories."""
-    if os.path.isdir(source):
+    if paths.isdir(source):
         checkpoint.restore_weights(source, model)
         return
     class_dependent = model.CLASS_DEPENDENT
@@ -151,10 +151,10 @@ def _train(
     progress_bar: bool,
 ) -> dict:
     main_process = distributed.is_main_process()
-    workdir = os.path.abspath(workdir)
-    os.makedirs(workdir, exist_ok=True)
+    workdir = paths.abspath(workdir)
+    paths.makedirs(workdir)
 
-    if config.data.get("synthetic") and not os.path.isfile(config.data.train.ann_file):
+    if config.data.get("synthetic") and not paths.isfile(config.data.train.ann_file):
         make_synthetic_data(config.data.synthetic)
     names = config_label_names(config)  # the dataset labels' names (FCOS: via label_map)
     train_set = build_dataset(config.data.train, names, role="train")
@@ -171,9 +171,7 @@ def _train(
     epochs = int(config.schedule.total_epochs)
     total_steps = min(epochs * steps_per_epoch, max_steps or 1 << 62)
 
-    mngr = checkpoint.train_manager(
-        os.path.join(workdir, "checkpoints"), int(config.checkpoint.keep)
-    )
+    mngr = checkpoint.train_manager(paths.join(workdir, "checkpoints"), int(config.checkpoint.keep))
     model = build_model(config, seed=int(config.seed))
     check_classes(model, train_set)
     load_pretrained_for_training(model, config, resuming=mngr.latest_step() is not None)
@@ -235,7 +233,7 @@ def _train(
         if stats[best_stat] > best_map:
             best_map = stats[best_stat]
             checkpoint.save_weights(
-                os.path.join(workdir, "best"), trainer.merge_for_eval(graphdef, state.ema),
+                paths.join(workdir, "best"), trainer.merge_for_eval(graphdef, state.ema),
                 config, step=done, keep=1, extra_meta={"best_map": best_map},
             )  # fmt: skip
 
@@ -303,7 +301,7 @@ def _train(
             mngr.wait_until_finished()  # the write is complete before the process exits
             log.warning(
                 f"stopped by {stop.signal_name} after step {done}: its checkpoint is in "
-                f"{os.path.join(mngr.directory, str(done))}"
+                f"{paths.join(mngr.directory, str(done))}"
             )
             stopped_by = stop.signal_name
             break

@@ -1,14 +1,16 @@
 """What a training run shows and keeps: a progress bar, metrics.jsonl, TensorBoard scalars,
-loss / lr / mAP curves (curves.png), and the NaN guard. Only process 0 writes."""
+loss / lr / mAP curves (curves.png), and the NaN guard. Only process 0 writes; every file
+goes through :mod:`nanodet_jax.paths`, so the workdir may be a ``gs://`` URL."""
 
 from __future__ import annotations
 
 import json
 import logging
 import math
-import os
 
 import jax
+
+from nanodet_jax import paths
 
 log = logging.getLogger("nanodet_jax")
 SHORT = {"loss_qfl": "qfl", "loss_bbox": "bbox", "loss_dfl": "dfl"}
@@ -17,8 +19,7 @@ SHORT = {"loss_qfl": "qfl", "loss_bbox": "bbox", "loss_dfl": "dfl"}
 def read_records(path: str, warn: bool = True) -> tuple[list[dict], bool]:
     """The records of a metrics.jsonl, and whether lines were dropped: a last line cut short
     by a killed run (every complete line ends with a newline) or an unreadable one."""
-    with open(path) as f:
-        lines = f.read().split("\n")
+    lines = paths.read_text(path).split("\n")
     damaged = bool(lines[-1].strip())
     if damaged and warn:
         log.warning(f"{path}: dropping an incomplete last record (a killed run)")
@@ -38,10 +39,32 @@ def evaluated_steps(workdir: str) -> set[int]:
     """Steps whose evaluation ``workdir``'s metrics.jsonl records (read by every process,
     not only the one that writes it: the decision to evaluate on resume must be the same
     on all of them)."""
-    path = os.path.join(workdir, "metrics.jsonl")
-    if not os.path.exists(path):
+    path = paths.join(workdir, "metrics.jsonl")
+    if not paths.exists(path):
         return set()
     return {int(r["step"]) for r in read_records(path, warn=False)[0] if r.get("kind") == "eval"}
+
+
+def _tensorboard_writer(logdir: str):
+    """tensorboardX's writer, or None with a warning. tensorboardX writes ``gs://`` itself
+    through google-cloud-storage and ``s3://`` through boto3 (not through TensorFlow or
+    epath); another scheme, or a missing package, means no TensorBoard logs (metrics.jsonl
+    and curves.png still hold everything)."""
+    from tensorboardX import SummaryWriter, record_writer
+
+    if paths.is_remote(logdir):
+        scheme = logdir.split("://", 1)[0]
+        # Checked first: tensorboardX raises only once its writer is half built.
+        needs = {"gs": ("GCS_ENABLED", "google-cloud-storage"), "s3": ("S3_ENABLED", "boto3")}
+        if scheme not in needs:
+            log.warning(f"{logdir}: tensorboardX cannot write {scheme}:// URLs: no TensorBoard")
+            return None
+        flag, package = needs[scheme]
+        if not getattr(record_writer, flag, False):
+            log.warning(f"{logdir}: no TensorBoard logs (tensorboardX needs {package} for "
+                        f"{scheme}://: pip install {package})")  # fmt: skip
+            return None
+    return SummaryWriter(logdir)
 
 
 class TrainingLog:
@@ -55,16 +78,11 @@ class TrainingLog:
         self._tb = None
         if not enabled:
             return
-        os.makedirs(workdir, exist_ok=True)
-        self.path = os.path.join(workdir, "metrics.jsonl")
-        if os.path.exists(self.path):  # a resumed run keeps its history
+        paths.makedirs(workdir)
+        self.path = paths.join(workdir, "metrics.jsonl")
+        if paths.exists(self.path):  # a resumed run keeps its history
             self.records, self._damaged = read_records(self.path)
-        try:
-            from tensorboardX import SummaryWriter
-
-            self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
-        except ImportError:  # pragma: no cover - tensorboardX is a dependency
-            log.warning("tensorboardX not installed: no TensorBoard logs")
+        self._tb = _tensorboard_writer(paths.join(workdir, "tensorboard"))
 
     def resume_at(self, step: int) -> None:
         """Keep only the history up to ``step``, the checkpoint training resumes from: what a
@@ -79,10 +97,8 @@ class TrainingLog:
             log.info(f"{self.path}: dropping {len(self.records) - len(kept)} records of steps "
                      f"after {since}: they are redone")  # fmt: skip
         self.records = kept
-        tmp = self.path + ".tmp"
-        with open(tmp, "w") as f:
-            f.writelines(json.dumps(r) + "\n" for r in kept)
-        os.replace(tmp, self.path)  # atomic: a kill now leaves the old file or the new one
+        # Atomic: a kill now leaves the old file or the new one.
+        paths.write_atomic(self.path, "".join(json.dumps(r) + "\n" for r in kept))
 
     def progress(self, total: int, initial: int):
         from tqdm import tqdm
@@ -116,8 +132,7 @@ class TrainingLog:
 
     def _write(self, record: dict) -> None:
         self.records.append(record)
-        with open(self.path, "a") as f:
-            f.write(json.dumps(record) + "\n")
+        paths.append_text(self.path, json.dumps(record) + "\n")
 
     def log_train(self, step: int, epoch: int, values: dict[str, float]) -> None:
         if not self.enabled:
@@ -153,7 +168,7 @@ class TrainingLog:
         from nanodet_jax.evaluation.visualize import plot_training_curves
 
         if self.enabled and self.records:
-            plot_training_curves(self.records, os.path.join(self.workdir, "curves.png"))
+            plot_training_curves(self.records, paths.join(self.workdir, "curves.png"))
 
     def finish(self) -> None:
         if not self.enabled:

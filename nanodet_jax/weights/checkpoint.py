@@ -5,6 +5,11 @@ the item ``model`` (the model's full NNX state: parameters, BatchNorm statistics
 buffers), optionally ``ema`` (the EMA weights, which evaluation prefers), and a
 JSON ``meta`` item. Training adds its own items (optimizer state, data iterator)
 beside these; weight-only readers ignore them.
+
+Directories may be ``gs://`` URLs: orbax writes them itself (through epath and
+tensorstore; its commit there is a success marker, not a rename), and what this module
+does around it (listing unfinished writes, directory checks) goes through
+:mod:`nanodet_jax.paths`.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
 
+from nanodet_jax import paths
 from nanodet_jax.errors import UserError
 from nanodet_jax.weights.pytorch import WeightMismatchError
 
@@ -79,7 +85,7 @@ def manager(
     """A manager that knows the weight items (so it can read their metadata)."""
     opts = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True, **options)
     handlers = {name: handler() for name, handler in WEIGHT_ITEMS.items()}
-    return ocp.CheckpointManager(os.path.abspath(directory), options=opts, item_handlers=handlers)
+    return ocp.CheckpointManager(paths.abspath(directory), options=opts, item_handlers=handlers)
 
 
 def save_weights(
@@ -115,7 +121,7 @@ def restore_weights(
     exists (unless ``prefer_ema`` is False). Returns the checkpoint's ``meta``.
     A checkpoint of another architecture raises :class:`WeightMismatchError`.
     """
-    directory = os.path.abspath(directory)
+    directory = paths.abspath(directory)
     mngr, step, item, items = _open_weights(directory, step, prefer_ema)
     # The model's state may hold only the inference part (no aux branch) of a training
     # checkpoint; check shapes of what the model needs and restore just that.
@@ -145,7 +151,7 @@ def restore_weights(
 
 def read_meta(directory: str | os.PathLike, step: int | None = None) -> dict:
     """The ``meta`` item of a checkpoint directory's latest (or ``step``) step; no arrays."""
-    mngr = manager(os.path.abspath(directory))
+    mngr = manager(paths.abspath(directory))
     step = mngr.latest_step() if step is None else step
     if step is None:
         mngr.close()
@@ -160,14 +166,14 @@ def saved_weight_names(
 ) -> list[str]:
     """The dotted names of the weights :func:`restore_weights` would read (from the
     checkpoint's metadata; no arrays are loaded), e.g. to tell whether it has the aux branch."""
-    mngr, _, item, items = _open_weights(os.path.abspath(directory), step, prefer_ema)
+    mngr, _, item, items = _open_weights(paths.abspath(directory), step, prefer_ema)
     mngr.close()
     return list(_flat_shapes(items[item].tree))
 
 
 def _open_weights(directory: str, step: int | None, prefer_ema: bool) -> tuple:
     """(manager, step, item name, item metadata) of the weights to read from ``directory``."""
-    if not os.path.isdir(directory):
+    if not paths.isdir(directory):
         raise FileNotFoundError(f"{directory}: no such checkpoint directory")
     mngr = manager(directory)
     step = mngr.latest_step() if step is None else step
@@ -200,11 +206,11 @@ def train_manager(directory: str | os.PathLike, keep: int) -> ocp.CheckpointMana
     """Keeps the last ``keep`` training checkpoints; saves asynchronously. A write a killed
     run left unfinished (orbax's ``<step>.orbax-checkpoint-tmp-*``) is never a step to
     resume from; it is named and removed here."""
-    directory = os.path.abspath(directory)
-    if jax.process_index() == 0 and os.path.isdir(directory):
-        for name in sorted(os.listdir(directory)):
+    directory = paths.abspath(directory)
+    if jax.process_index() == 0 and paths.isdir(directory):
+        for name in sorted(paths.listdir(directory)):
             if TMP_SUFFIX in name:
-                log.warning(f"removing {os.path.join(directory, name)}: an unfinished "
+                log.warning(f"removing {paths.join(directory, name)}: an unfinished "
                             "checkpoint write (the run that wrote it was killed)")  # fmt: skip
     opts = ocp.CheckpointManagerOptions(
         max_to_keep=keep, create=True, enable_async_checkpointing=True,
@@ -318,7 +324,7 @@ def restore_latest_train_state(mngr: ocp.CheckpointManager, template: Any) -> tu
         except Exception as e:  # orbax / tensorstore raise many types for damaged files
             reason = (str(e).strip().splitlines() or [""])[0][:300]
             log.warning(
-                f"checkpoint {os.path.join(str(mngr.directory), str(step))} cannot be "
+                f"checkpoint {paths.join(mngr.directory, str(step))} cannot be "
                 f"restored ({type(e).__name__}: {reason}); using the previous one"
             )
     raise CorruptCheckpointError(
