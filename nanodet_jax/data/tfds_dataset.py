@@ -16,9 +16,7 @@ then (a damaged tfrecord record: file and byte offset) is skipped with a warning
 
 from __future__ import annotations
 
-import glob
 import logging
-import os
 import threading
 from collections.abc import Sequence
 from typing import Any
@@ -26,6 +24,7 @@ from typing import Any
 import cv2
 import numpy as np
 
+from nanodet_jax import paths
 from nanodet_jax.data.coco import ImageReadError
 from nanodet_jax.data.image_integrity import truncation_problem_bytes
 from nanodet_jax.data.image_size import encoded_image_size
@@ -50,17 +49,17 @@ def import_tfds() -> Any:
 def resolve_dataset_dir(path: str) -> str:
     """``path`` if it holds a prepared dataset, else the only one up to two levels below
     (``DIR/name/version``, TFDS's own layout)."""
-    if os.path.isfile(os.path.join(path, "dataset_info.json")):
+    if paths.isfile(paths.join(path, "dataset_info.json")):
         return path
+    root = paths.as_path(path)
     found = sorted(
-        glob.glob(os.path.join(path, "*", "dataset_info.json"))
-        + glob.glob(os.path.join(path, "*", "*", "dataset_info.json"))
+        str(p) for pat in ("*/dataset_info.json", "*/*/dataset_info.json") for p in root.glob(pat)
     )
     if len(found) == 1:
-        return os.path.dirname(found[0])
+        return found[0].rsplit("/", 1)[0]
     if not found:
         raise FileNotFoundError(f"{path}: no prepared TFDS dataset (dataset_info.json) found")
-    dirs = [os.path.dirname(f) for f in found]
+    dirs = [f.rsplit("/", 1)[0] for f in found]
     raise ValueError(f"{path}: several TFDS datasets below it, name one of {dirs}")
 
 

@@ -10,6 +10,9 @@ only when one of its records is first read, so a process that reads a subset of 
 records opens only the shards holding them. Records are decoded by the dataset's own
 features (``deserialize_example_np``, TFDS's NumPy parser: no TensorFlow).
 
+Shards may be remote (``gs://...``, through :mod:`nanodet_jax.paths`): they are read with
+seek + read on one open file per shard, and their index lives in the cache directory.
+
 A damaged record (checksum mismatch, or a file cut short) raises :class:`RecordReadError`
 naming the shard file and the record's byte offset; a broken length field ends the shard
 there (its framing is lost), so its later records raise it too.
@@ -28,6 +31,7 @@ from typing import Any
 
 import numpy as np
 
+from nanodet_jax import paths
 from nanodet_jax.data.coco import ImageReadError
 from nanodet_jax.data.crc32c import masked_crc32c
 
@@ -47,13 +51,22 @@ def index_cache_dir() -> str:
     return os.path.join(base, "nanodet_jax", "tfrecord_index")
 
 
+def file_stat(path: str) -> tuple[int, int]:
+    """(size in bytes, modification time in ns) of a local or remote file."""
+    if paths.is_remote(path):
+        st = paths.as_path(path).stat()
+        return int(st.length), int(float(st.mtime) * 1e9)
+    st = os.stat(path)
+    return st.st_size, st.st_mtime_ns
+
+
 def scan_shard(path: str) -> tuple[np.ndarray, np.ndarray, str]:
     """(offsets, lengths, problem) of the records of one file, reading only the headers;
     ``problem`` (empty when none) says where and why the scan stopped early."""
     offsets, lengths = [], []
-    size = os.path.getsize(path)
+    size = file_stat(path)[0]
     problem = ""
-    with open(path, "rb") as f:
+    with paths.open_file(path, "rb") as f:
         pos = 0
         while pos < size:
             header = f.read(_HEADER)
@@ -76,24 +89,26 @@ def scan_shard(path: str) -> tuple[np.ndarray, np.ndarray, str]:
 
 
 def _index_paths(path: str) -> list[str]:
-    """Where the index of ``path`` may be: beside it, then in the cache directory."""
-    path = os.path.abspath(path)
+    """Where the index of ``path`` may be: beside it (local shards), then in the cache
+    directory."""
+    path = paths.abspath(path)
     digest = hashlib.sha256(path.encode()).hexdigest()[:16]
-    cached = os.path.join(index_cache_dir(), f"{digest}-{os.path.basename(path)}{INDEX_SUFFIX}")
-    return [path + INDEX_SUFFIX, cached]
+    name = path.rstrip("/").rsplit("/", 1)[-1]
+    cached = os.path.join(index_cache_dir(), f"{digest}-{name}{INDEX_SUFFIX}")
+    return [cached] if paths.is_remote(path) else [path + INDEX_SUFFIX, cached]
 
 
-def _load_index(candidate: str, stat: os.stat_result) -> tuple[np.ndarray, ...] | None:
+def _load_index(candidate: str, stat: tuple[int, int]) -> tuple[np.ndarray, ...] | None:
     try:
         with np.load(candidate) as z:
-            if int(z["file_size"]) == stat.st_size and int(z["mtime_ns"]) == stat.st_mtime_ns:
+            if (int(z["file_size"]), int(z["mtime_ns"])) == stat:
                 return z["offsets"], z["lengths"], str(z["problem"])
     except (OSError, KeyError, ValueError):  # absent, stale format or half written
         pass
     return None
 
 
-def _save_index(candidate: str, stat: os.stat_result, index: tuple) -> bool:
+def _save_index(candidate: str, stat: tuple[int, int], index: tuple) -> bool:
     folder = os.path.dirname(candidate)
     try:
         os.makedirs(folder, exist_ok=True)
@@ -103,7 +118,7 @@ def _save_index(candidate: str, stat: os.stat_result, index: tuple) -> bool:
     try:
         with os.fdopen(fd, "wb") as f:
             np.savez(f, offsets=index[0], lengths=index[1], problem=np.str_(index[2]),
-                     file_size=stat.st_size, mtime_ns=stat.st_mtime_ns)  # fmt: skip
+                     file_size=stat[0], mtime_ns=stat[1])  # fmt: skip
         os.replace(tmp, candidate)  # atomic: processes indexing at once do not clash
         return True
     except OSError:
@@ -113,7 +128,7 @@ def _save_index(candidate: str, stat: os.stat_result, index: tuple) -> bool:
 
 def shard_index(path: str) -> tuple[np.ndarray, np.ndarray, str]:
     """The (cached) :func:`scan_shard` of ``path``."""
-    stat = os.stat(path)
+    stat = file_stat(path)
     candidates = _index_paths(path)
     for candidate in candidates:
         found = _load_index(candidate, stat)
@@ -138,21 +153,33 @@ class TFRecordSource:
         self.starts = np.concatenate([[0], np.cumsum(takes)])
         self.features, self.decoders = features, decoders
         self._index: dict[int, tuple] = {}
-        self._fds: dict[int, int] = {}
+        self._fds: dict[int, int] = {}  # local shards: descriptors for os.pread
+        self._remote: dict[int, tuple[Any, threading.Lock]] = {}  # remote: file, its lock
         self._lock = threading.Lock()
 
     def __len__(self) -> int:
         return int(self.starts[-1])
 
-    def _shard(self, k: int) -> tuple[int, tuple]:
+    def _shard(self, k: int) -> tuple:
         with self._lock:  # one scan and one descriptor per shard, shared by threads
             if k not in self._index:
                 self._index[k] = shard_index(self.files[k])
-                self._fds[k] = os.open(self.files[k], os.O_RDONLY)
-            return self._fds[k], self._index[k]
+                if paths.is_remote(self.files[k]):
+                    self._remote[k] = (paths.open_file(self.files[k], "rb"), threading.Lock())
+                else:
+                    self._fds[k] = os.open(self.files[k], os.O_RDONLY)
+            return self._index[k]
+
+    def _read(self, k: int, offset: int, size: int) -> bytes:
+        if k in self._fds:
+            return os.pread(self._fds[k], size, offset)
+        f, lock = self._remote[k]
+        with lock:  # seek + read on one shared file object
+            f.seek(offset)
+            return f.read(size)
 
     def opened_files(self) -> list[str]:
-        return [self.files[k] for k in sorted(self._fds)]
+        return [self.files[k] for k in sorted({*self._fds, *self._remote})]
 
     def locate(self, i: int) -> tuple[int, int]:
         """(shard number, record number in its file) of item ``i``."""
@@ -164,13 +191,13 @@ class TFRecordSource:
     def read_bytes(self, i: int) -> bytes:
         """The checked serialized example of item ``i``."""
         k, j = self.locate(i)
-        fd, (offsets, lengths, problem) = self._shard(k)
+        offsets, lengths, problem = self._shard(k)
         path = self.files[k]
         if j >= len(offsets):
             why = problem or f"the file ends after {len(offsets)} records"  # cut at a boundary
             raise RecordReadError(f"{path}: record {j} unreadable: {why}")
         offset, length = int(offsets[j]), int(lengths[j])
-        buf = os.pread(fd, _HEADER + length + _FOOTER, offset)
+        buf = self._read(k, offset, _HEADER + length + _FOOTER)
         data = memoryview(buf)[_HEADER : _HEADER + length]
         if len(buf) < _HEADER + length + _FOOTER:  # the file shrank after indexing
             raise RecordReadError(f"{path}: record {j} at byte {offset} cut short")
@@ -195,7 +222,10 @@ class TFRecordSource:
         with self._lock:
             for fd in self._fds.values():
                 os.close(fd)
+            for f, _ in self._remote.values():
+                f.close()
             self._fds.clear()
+            self._remote.clear()
             self._index.clear()
 
     def __del__(self) -> None:

@@ -24,7 +24,9 @@ pytest.importorskip("tensorflow_datasets", reason="needs tensorflow-datasets (th
 
 from nanodet_jax.data import tfrecord  # noqa: E402
 from nanodet_jax.data.tfds_dataset import TFDSDataset  # noqa: E402
+from tests import test_paths  # noqa: E402
 
+fake_gcs = test_paths.fake_gcs  # the fake gs:// bucket fixture
 FIXTURE = os.path.join(os.path.dirname(os.path.dirname(__file__)), "data", "tfrecord")
 CLASSES = list(synthetic.CLASSES)
 NUM_IMAGES, NUM_SHARDS = 8, 3
@@ -198,3 +200,24 @@ def test_damaged_records_are_named_and_skipped(data, tmp_path, caplog):
         with pytest.raises(tfrecord.RecordReadError, match="^" + message.replace("[", r"\[")):
             ds.source.load_image(int(index))
     assert source.read_bytes(int(start[0]))  # the undamaged records still read
+
+
+def test_remote_shards_read_through_the_path_layer(data, fake_gcs, tmp_path, monkeypatch):
+    """A tfrecord dataset on ``gs://`` (the fake bucket of tests/test_paths.py): the same
+    examples as the local copy, the shards read by seek + read, the index in the cache."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    shutil.copytree(  # without the indexes earlier tests wrote beside the local shards
+        data["tfds"], tmp_path / "gcs" / "bucket" / "ds",
+        ignore=shutil.ignore_patterns(f"*{tfrecord.INDEX_SUFFIX}"),
+    )  # fmt: skip
+    remote = TFDSDataset(f"{fake_gcs}/ds", "train", CLASSES)
+    local = data["tfrecord"]
+    assert len(remote) == len(local)
+    assert all(f.startswith("gs://") for f in remote.source.open().files)
+    for a, b in zip(remote.records, local.records):
+        assert a.image_id == b.image_id
+        np.testing.assert_array_equal(a.boxes, b.boxes)
+        np.testing.assert_array_equal(load_image(a), load_image(b))
+    indexes = list((tmp_path / "cache").rglob(f"*{tfrecord.INDEX_SUFFIX}"))
+    assert len(indexes) == NUM_SHARDS
+    assert not list((tmp_path / "gcs").rglob(f"*{tfrecord.INDEX_SUFFIX}"))  # not in the bucket
