@@ -13,13 +13,15 @@ per config at its own input size: batch 1 of ours, our ONNX export in onnxruntim
 (``--repeats16``; 0 skips it); see ``benchmarks/zoo.py``. Without them:
 
 Rows per input size:
-* ``forward``: the model on normalised float32 NHWC input (raw head output), jitted;
+* ``forward``: the model on normalised float32 NHWC input (raw head output), through
+  ``Predictor`` (BatchNorm folded into the convolutions, weights as one flat list);
 * ``end to end``: uint8 images -> normalisation -> model -> decode -> NMS (what
   ``Predictor`` runs on the device; host-side JPEG decoding and resizing excluded);
 * ``torch eager``: NanoDet's model in eval mode under ``torch.no_grad()``, NCHW;
 * ``torch channels_last``: the same with channels-last memory format (often faster on CPU);
+* ``forward, BN not folded``: the same through ``Predictor(fold_bn=False)``;
 * ``onnxruntime``: our ONNX export (``nanodet_jax.deploy.onnx_export``), batch 1, default and
-  single-thread session.
+  single-thread session; at batch 16 the ``--dynamic-batch`` export.
 Batch 1 reports latency (ms, median of repeats after warm-up); batch 16 reports
 throughput (images/s). ``speed-up`` is torch eager time / our time on the same row.
 Weights are random (speed does not depend on them).
@@ -44,7 +46,6 @@ from common import (
     thread_summary,
     write_json,
 )
-from flax import nnx
 from zoo import TABLE_HEADER, table_rows, time_config, zoo_configs
 
 from nanodet_jax import runtime  # noqa: E402
@@ -56,32 +57,43 @@ CONFIGS = {320: "configs/nanodet_plus_m.py", 416: "configs/nanodet_plus_m_416.py
 
 
 def ours(config, batch: int, repeats: int) -> dict[str, float]:
+    """Rows of ours, all through ``Predictor`` (what eval and predict run): the raw
+    forward with BatchNorm folded, the same without folding, and end to end."""
     model = build_model(config, with_aux=False)
-    graphdef, state = nnx.split(model)
     size = config.data.val.input_size[0]
-    forward = jax.jit(lambda st, x: nnx.merge(graphdef, st)(x))
     x = jax.device_put(np.random.default_rng(0).normal(size=(batch, size, size, 3)).astype("f4"))
-    t_fwd = median_seconds(lambda: forward(state, x).block_until_ready(), repeats)
-
     predictor = Predictor(model, config)
+    unfolded = Predictor(model, config, fold_bn=False)
+    # Equality of the two: tests/models/test_batchnorm_folding.py, tools/check_zoo.py.
+    out = {
+        "forward": median_seconds(lambda: predictor.raw_outputs(x).block_until_ready(), repeats),
+        "forward, BN not folded": median_seconds(
+            lambda: unfolded.raw_outputs(x).block_until_ready(), repeats
+        ),
+    }
     u8 = np.random.default_rng(1).integers(0, 256, (batch, size, size, 3), dtype=np.uint8)
     valid = np.full((batch, 2), size, np.int32)
     u8, valid = jax.device_put(u8), jax.device_put(valid)
-    t_e2e = median_seconds(
+    out["end to end"] = median_seconds(
         lambda: jax.block_until_ready(predictor.forward(u8, valid)), repeats
     )
-    return {"forward": t_fwd, "end to end": t_e2e}
+    return out
 
 
-def onnxruntime_times(config, repeats: int) -> dict[str, float]:
-    """Our ONNX export in onnxruntime (batch 1 only: the exported graph is static)."""
+def onnxruntime_times(config, batch: int, repeats: int) -> dict[str, float]:
+    """Our ONNX export in onnxruntime: batch 1 from the static export (default threads and
+    one), larger batches from the ``--dynamic-batch`` export."""
     try:
         from nanodet_jax.deploy.onnx_export import export_onnx, onnxruntime_latency
     except ImportError:
         return {}
     with tempfile.TemporaryDirectory() as d:
         path = os.path.join(d, "model.onnx")
-        export_onnx(build_model(config, with_aux=False), config, path)
+        model = build_model(config, with_aux=False)
+        if batch > 1:
+            export_onnx(model, config, path, dynamic_batch=True)
+            return {"onnxruntime (dynamic batch)": onnxruntime_latency(path, repeats, batch=batch)}
+        export_onnx(model, config, path)
         return {
             "onnxruntime": onnxruntime_latency(path, repeats),
             "onnxruntime 1 thread": onnxruntime_latency(path, repeats, threads=1),
@@ -170,8 +182,7 @@ def main() -> None:
         for batch in (1, 16):
             reps = args.repeats if batch == 1 else max(3, args.repeats // 4)
             times = ours(config, batch, reps)
-            if batch == 1:
-                times |= onnxruntime_times(config, reps)
+            times |= onnxruntime_times(config, batch, reps)
             if ref is not None:
                 times |= torch_times(ref, config, batch, reps)
             results[f"{size}/b{batch}"] = times

@@ -52,14 +52,15 @@ def nanodet_yml(config_path: str, nanodet: str) -> str | None:
 
 
 def our_forward(model: Any, hw: tuple[int, int], batch: int) -> Callable[[], Any]:
-    """A blocking call of the jitted inference model on a random normalised batch."""
+    """A blocking call of the jitted inference model (``InferenceModel``: BatchNorm
+    folded, as ``Predictor`` runs it) on a random normalised batch."""
     import jax
-    from flax import nnx
 
-    graphdef, state = nnx.split(model)
-    forward = jax.jit(lambda st, x: nnx.merge(graphdef, st)(x))
+    from nanodet_jax.models.inference import InferenceModel
+
+    forward = InferenceModel(model).jit(lambda m, v: m(v))
     x = jax.device_put(np.random.default_rng(0).normal(size=(batch, *hw, 3)).astype("f4"))
-    return lambda: forward(state, x).block_until_ready()
+    return lambda: forward(x).block_until_ready()
 
 
 def time_onnx(model: Any, config: Any, repeats: int) -> float:

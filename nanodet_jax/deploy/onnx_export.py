@@ -161,12 +161,17 @@ def onnxruntime_session(onnx_path: str, threads: int | None = None) -> Any:
 
 
 def onnxruntime_latency(
-    onnx_path: str, repeats: int = 20, warmup: int = 2, threads: int | None = None
+    onnx_path: str,
+    repeats: int = 20,
+    warmup: int = 2,
+    threads: int | None = None,
+    batch: int = 1,
 ) -> float:
-    """Median seconds of one onnxruntime run on a random normalised input (batch 1)."""
+    """Median seconds of one onnxruntime run on a random normalised input (``batch``
+    images where the export has a dynamic batch axis, else its static batch)."""
     sess = onnxruntime_session(onnx_path, threads)
-    # A dynamic batch axis reads as its name ("batch"): time batch 1.
-    shape = [d if isinstance(d, int) else 1 for d in sess.get_inputs()[0].shape]
+    # A dynamic batch axis reads as its name ("batch").
+    shape = [d if isinstance(d, int) else batch for d in sess.get_inputs()[0].shape]
     x = np.random.default_rng(0).normal(size=shape).astype(np.float32)
 
     def once() -> float:
