@@ -34,6 +34,7 @@ import tempfile
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from common import (
     load_reference_or_none,
@@ -55,13 +56,25 @@ from nanodet_jax.models import build_model
 CONFIGS = {320: "configs/nanodet_plus_m.py", 416: "configs/nanodet_plus_m_416.py"}
 
 
+def our_forward_run(config, batch: int, dtype=jnp.float32):
+    """A closure running our jitted eval-mode model (raw head output) on random normalised
+    NHWC input, blocking; ``dtype`` bfloat16 casts the parameters and the input, as the
+    training step's ``device.precision: bf16`` does (statistics stay float32)."""
+    model = build_model(config, with_aux=False)
+    model.eval()
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    params = jax.tree.map(lambda p: p.astype(dtype), params)
+    size = config.data.val.input_size[0]
+    forward = jax.jit(lambda p, r, x: nnx.merge(graphdef, p, r)(x))
+    x = np.random.default_rng(0).normal(size=(batch, size, size, 3))
+    x = jax.device_put(x.astype(np.float32)).astype(dtype)
+    return lambda: forward(params, rest, x).block_until_ready()
+
+
 def ours(config, batch: int, repeats: int) -> dict[str, float]:
     model = build_model(config, with_aux=False)
-    graphdef, state = nnx.split(model)
     size = config.data.val.input_size[0]
-    forward = jax.jit(lambda st, x: nnx.merge(graphdef, st)(x))
-    x = jax.device_put(np.random.default_rng(0).normal(size=(batch, size, size, 3)).astype("f4"))
-    t_fwd = median_seconds(lambda: forward(state, x).block_until_ready(), repeats)
+    t_fwd = median_seconds(our_forward_run(config, batch), repeats)
 
     predictor = Predictor(model, config)
     u8 = np.random.default_rng(1).integers(0, 256, (batch, size, size, 3), dtype=np.uint8)
@@ -88,7 +101,11 @@ def onnxruntime_times(config, repeats: int) -> dict[str, float]:
         }
 
 
-def torch_times(ref, config, batch: int, repeats: int) -> dict[str, float]:
+def torch_forward_run(ref, config, batch: int, *, cuda: bool = False, bf16: bool = False,
+                      channels_last: bool = False):  # fmt: skip
+    """A closure running NanoDet's eval-mode inference model (no aux branch) under
+    ``torch.no_grad()`` on random NCHW input, synchronised on CUDA; ``bf16``: under
+    ``torch.autocast(bfloat16)``."""
     import torch
 
     model = ref.build_model(config.model.arch.to_dict())
@@ -96,13 +113,27 @@ def torch_times(ref, config, batch: int, repeats: int) -> dict[str, float]:
     model.eval()
     size = config.data.val.input_size[0]
     x = torch.from_numpy(np.random.default_rng(0).normal(size=(batch, 3, size, size)).astype("f4"))
-    out = {}
-    with torch.no_grad():
-        out["torch eager"] = median_seconds(lambda: model(x), repeats)
-        model_cl = model.to(memory_format=torch.channels_last)
-        x_cl = x.contiguous(memory_format=torch.channels_last)
-        out["torch channels_last"] = median_seconds(lambda: model_cl(x_cl), repeats)
-    return out
+    if cuda:
+        model, x = model.cuda(), x.cuda()
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+        x = x.contiguous(memory_format=torch.channels_last)
+    autocast = torch.autocast("cuda" if cuda else "cpu", torch.bfloat16, enabled=bf16)
+
+    def run():
+        with torch.no_grad(), autocast:
+            model(x)
+        if cuda:
+            torch.cuda.synchronize()
+
+    return run
+
+
+def torch_times(ref, config, batch: int, repeats: int) -> dict[str, float]:
+    return {
+        name: median_seconds(torch_forward_run(ref, config, batch, channels_last=cl), repeats)
+        for name, cl in (("torch eager", False), ("torch channels_last", True))
+    }
 
 
 def run_configs(paths: list[str], ref: Any, args: argparse.Namespace) -> None:
