@@ -50,6 +50,7 @@ from train_step import torch_train_run, train_setup  # noqa: E402
 
 from nanodet_jax import runtime  # noqa: E402
 from nanodet_jax.config.loading import load_config  # noqa: E402
+from nanodet_jax.ops import ffi_build  # noqa: E402
 from nanodet_jax.testing import SMALL_MODEL_OVERRIDES  # noqa: E402
 from tools import golden_checks as gc  # noqa: E402
 
@@ -203,6 +204,9 @@ def train_rows(configs, batch: int, ref, cuda: bool, repeats: int, warmup: int, 
         start = time.perf_counter()
         compiled = step.lower(state, data).compile()
         compile_s = time.perf_counter() - start
+        # The C++ FFI kernels are CPU-only: on an accelerator the ops must pick XLA's.
+        text = compiled.as_text()
+        ffi = sorted(t for t in ffi_build.TARGETS if t in text)
         holder = {"state": state}
 
         def ours(compiled=compiled, holder=holder, data=data):
@@ -221,6 +225,7 @@ def train_rows(configs, batch: int, ref, cuda: bool, repeats: int, warmup: int, 
                 "ours_s": ours_s,
                 "torch_s": torch_s,
                 "compile_s": compile_s,
+                "ffi_kernels": ffi,
                 "memory": memory,
                 "torch_peak_bytes": torch_bytes,
             }
@@ -338,6 +343,11 @@ def render(payload: dict) -> str:
             ]
         )
     lines.append(markdown_table(header, rows))
+    ffi = sorted({k for r in payload["rows"] for k in r.get("ffi_kernels", ())})
+    lines.append(
+        f"\nC++ FFI kernels in the compiled train steps: {', '.join(ffi) or 'none'} "
+        "(CPU-only kernels: expected none on an accelerator)"
+    )
     mem_sources = {r["memory"]["source"] for r in payload["rows"] if "memory" in r}
     lines.append(
         f"\nmemory source: {', '.join(sorted(mem_sources))} (includes parameters, "

@@ -15,6 +15,8 @@ import importlib.util
 import json
 import os
 
+import jax
+
 from tests.conftest import REPO
 
 
@@ -45,6 +47,8 @@ def test_reduced_accelerator_check(tmp_path):
     assert set(rows) == {("train step", 2, "bf16"), ("inference", 1, "bf16")}
     for r in rows.values():
         assert r["ours_s"] > 0 and r["torch_s"] is None  # no --nanodet given
+    if jax.default_backend() != "cpu":  # the CPU-only C++ kernels must step aside
+        assert rows["train step", 2, "bf16"]["ffi_kernels"] == []
     memory = rows["train step", 2, "bf16"]["memory"]
     assert memory["source"].startswith("compiled memory_analysis")  # CPU: no memory_stats
     # The state alone (parameters, two Adam moments, the EMA: four float32 copies of the
