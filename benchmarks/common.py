@@ -97,16 +97,22 @@ def write_json(path: str | None, payload: dict) -> None:
         print(f"wrote {path}")
 
 
-def load_reference_or_none(path: str | None):
-    """The PyTorch NanoDet reference (tools/reference.py), or None with a printed reason."""
+def reference_or_reason(path: str | None):
+    """(the PyTorch NanoDet reference of tools/reference.py, None) or (None, why not)."""
     if not path:
-        print("(no --nanodet PATH: PyTorch reference rows skipped)")
-        return None
+        return None, "no --nanodet PATH given"
     try:
         import torch  # noqa: F401
     except ImportError:
-        print("(torch not installed: PyTorch reference rows skipped)")
-        return None
+        return None, "torch not installed"
     from tools.reference import load_reference
 
-    return load_reference(path)
+    return load_reference(path), None
+
+
+def load_reference_or_none(path: str | None):
+    """The PyTorch NanoDet reference (tools/reference.py), or None with a printed reason."""
+    ref, reason = reference_or_reason(path)
+    if reason:
+        print(f"({reason}: PyTorch reference rows skipped)")
+    return ref

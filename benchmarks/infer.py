@@ -36,6 +36,7 @@ import tempfile
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from common import (
     load_reference_or_none,
@@ -52,8 +53,21 @@ from nanodet_jax import runtime  # noqa: E402
 from nanodet_jax.config.loading import load_config
 from nanodet_jax.evaluation.predictor import Predictor
 from nanodet_jax.models import build_model
+from nanodet_jax.models.inference import InferenceModel
 
 CONFIGS = {320: "configs/nanodet_plus_m.py", 416: "configs/nanodet_plus_m_416.py"}
+
+
+def our_forward_run(config, batch: int, dtype=jnp.float32):
+    """A closure running our jitted inference model (``InferenceModel``, as ``Predictor``
+    runs it: BatchNorm folded) on random normalised NHWC input, blocking; ``dtype``
+    bfloat16 casts the weights and the input (``InferenceModel(dtype=)``)."""
+    inference = InferenceModel(build_model(config, with_aux=False), dtype=dtype)
+    forward = inference.jit(lambda m, v: m(v))
+    size = config.data.val.input_size[0]
+    x = np.random.default_rng(0).normal(size=(batch, size, size, 3))
+    x = jax.device_put(x.astype(np.float32)).astype(dtype)
+    return lambda: forward(x).block_until_ready()
 
 
 def ours(config, batch: int, repeats: int) -> dict[str, float]:
@@ -100,7 +114,11 @@ def onnxruntime_times(config, batch: int, repeats: int) -> dict[str, float]:
         }
 
 
-def torch_times(ref, config, batch: int, repeats: int) -> dict[str, float]:
+def torch_forward_run(ref, config, batch: int, *, cuda: bool = False, bf16: bool = False,
+                      channels_last: bool = False):  # fmt: skip
+    """A closure running NanoDet's eval-mode inference model (no aux branch) under
+    ``torch.no_grad()`` on random NCHW input, synchronised on CUDA; ``bf16``: under
+    ``torch.autocast(bfloat16)``."""
     import torch
 
     model = ref.build_model(config.model.arch.to_dict())
@@ -108,13 +126,27 @@ def torch_times(ref, config, batch: int, repeats: int) -> dict[str, float]:
     model.eval()
     size = config.data.val.input_size[0]
     x = torch.from_numpy(np.random.default_rng(0).normal(size=(batch, 3, size, size)).astype("f4"))
-    out = {}
-    with torch.no_grad():
-        out["torch eager"] = median_seconds(lambda: model(x), repeats)
-        model_cl = model.to(memory_format=torch.channels_last)
-        x_cl = x.contiguous(memory_format=torch.channels_last)
-        out["torch channels_last"] = median_seconds(lambda: model_cl(x_cl), repeats)
-    return out
+    if cuda:
+        model, x = model.cuda(), x.cuda()
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+        x = x.contiguous(memory_format=torch.channels_last)
+    autocast = torch.autocast("cuda" if cuda else "cpu", torch.bfloat16, enabled=bf16)
+
+    def run():
+        with torch.no_grad(), autocast:
+            model(x)
+        if cuda:
+            torch.cuda.synchronize()
+
+    return run
+
+
+def torch_times(ref, config, batch: int, repeats: int) -> dict[str, float]:
+    return {
+        name: median_seconds(torch_forward_run(ref, config, batch, channels_last=cl), repeats)
+        for name, cl in (("torch eager", False), ("torch channels_last", True))
+    }
 
 
 def run_configs(paths: list[str], ref: Any, args: argparse.Namespace) -> None:

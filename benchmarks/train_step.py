@@ -47,36 +47,48 @@ SIZE = 320
 NUM_BOXES, SLOTS = 8, 32  # real boxes per image, padded slots
 
 
-def random_targets(batch: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+def random_targets(
+    batch: int, seed: int = 0, size: int = SIZE, num_classes: int = 80
+) -> tuple[np.ndarray, np.ndarray]:
     rng = np.random.default_rng(seed)
-    xy = rng.uniform(0, SIZE / 2, (batch, NUM_BOXES, 2))
-    wh = rng.uniform(16, SIZE / 2, (batch, NUM_BOXES, 2))
+    xy = rng.uniform(0, size / 2, (batch, NUM_BOXES, 2))
+    wh = rng.uniform(size / 20, size / 2, (batch, NUM_BOXES, 2))
     return np.concatenate([xy, xy + wh], -1).astype(np.float32), rng.integers(
-        0, 80, (batch, NUM_BOXES)
+        0, num_classes, (batch, NUM_BOXES)
     )
+
+
+def train_setup(config, batch: int, mesh=None, slots: int = SLOTS, total_steps: int = 1000):
+    """(jitted step, state, batch) of our step on ``mesh`` (default: the first device), as
+    ``train.py`` compiles it, on random boxes and images; ``slots`` padded gt slots per
+    image, ``total_steps`` of the lr schedule (both change the compiled program)."""
+    mesh = mesh or distributed.data_mesh(jax.devices()[:1])
+    model = build_model(config)
+    tx = build_optimizer(config, total_steps)
+    graphdef, state = trainer.create_train_state(model, tx)
+    state = jax.device_put(state, distributed.replicated(mesh))
+    size = config.data.train.input_size[0]
+    boxes, labels = random_targets(batch, size=size, num_classes=config.model.arch.head.num_classes)
+    n = min(NUM_BOXES, slots)
+    gt_boxes = np.zeros((batch, slots, 4), np.float32)
+    gt_labels = np.zeros((batch, slots), np.int32)
+    gt_boxes[:, :n], gt_labels[:, :n] = boxes[:, :n], labels[:, :n]
+    rng = np.random.default_rng(1)
+    data = {
+        "images": rng.integers(0, 256, (batch, size, size, 3), dtype=np.uint8),
+        "color": np.tile(np.array([0.05, 1.1, 1.0, 0.0], np.float32), (batch, 1)),
+        "gt_boxes": gt_boxes,
+        "gt_labels": gt_labels,
+        "gt_mask": np.arange(slots)[None].repeat(batch, 0) < n,
+    }
+    data = jax.device_put(data, distributed.batch_sharded(mesh))
+    return trainer.jit_train_step(graphdef, tx, config, mesh, phase="joint"), state, data
 
 
 def our_step(config, batch: int, repeats: int, mesh=None) -> dict[str, float]:
     """Our step on ``mesh`` (default: the first device), as ``train.py`` compiles it."""
-    mesh = mesh or distributed.data_mesh(jax.devices()[:1])
-    model = build_model(config)
-    tx = build_optimizer(config, 1000)
-    graphdef, state = trainer.create_train_state(model, tx)
-    state = jax.device_put(state, distributed.replicated(mesh))
-    boxes, labels = random_targets(batch)
-    gt_boxes = np.zeros((batch, SLOTS, 4), np.float32)
-    gt_labels = np.zeros((batch, SLOTS), np.int32)
-    gt_boxes[:, :NUM_BOXES], gt_labels[:, :NUM_BOXES] = boxes, labels
+    step, state, data = train_setup(config, batch, mesh)
     rng = np.random.default_rng(1)
-    data = {
-        "images": rng.integers(0, 256, (batch, SIZE, SIZE, 3), dtype=np.uint8),
-        "color": np.tile(np.array([0.05, 1.1, 1.0, 0.0], np.float32), (batch, 1)),
-        "gt_boxes": gt_boxes,
-        "gt_labels": gt_labels,
-        "gt_mask": np.arange(SLOTS)[None].repeat(batch, 0) < NUM_BOXES,
-    }
-    data = jax.device_put(data, distributed.batch_sharded(mesh))
-    step = trainer.jit_train_step(graphdef, tx, config, mesh, phase="joint")
     start = time.perf_counter()
     state, metrics = step(state, data)
     jax.block_until_ready(metrics)
@@ -108,41 +120,55 @@ def our_step(config, batch: int, repeats: int, mesh=None) -> dict[str, float]:
     return {"step": step_s, "compile": compile_s, "assigner": assign_s}
 
 
+def torch_train_run(ref, config, batch: int, layout: str = "NCHW", cuda: bool = False,
+                    bf16: bool = False):  # fmt: skip
+    """A closure running one step of the reference (``forward_train`` + backward +
+    clipping + AdamW + EMA) on random input; ``bf16``: the forward under
+    ``torch.autocast(bfloat16)``, as mixed-precision training does."""
+    import torch
+
+    model = ref.build_model(config.model.arch.to_dict())
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.05)
+    size = config.data.train.input_size[0]
+    rng = np.random.default_rng(0)
+    img = torch.from_numpy(rng.normal(size=(batch, 3, size, size)).astype(np.float32))
+    if cuda:
+        model, img = model.cuda(), img.cuda()
+    if layout == "channels_last":
+        model = model.to(memory_format=torch.channels_last)
+        img = img.contiguous(memory_format=torch.channels_last)
+    boxes, labels = random_targets(batch, size=size, num_classes=config.model.arch.head.num_classes)
+    meta = {"img": img, "gt_bboxes": list(boxes), "gt_labels": list(labels),
+            "gt_bboxes_ignore": None}  # fmt: skip
+    ema = ref.module("nanodet.model.weight_averager.ema").ExpMovingAverager(0.9998)
+    ema.load_from(model)
+    autocast = torch.autocast("cuda" if cuda else "cpu", torch.bfloat16, enabled=bf16)
+
+    def run():
+        with autocast:
+            _, loss, _ = model.forward_train(meta)
+        opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), float(config.grad_clip))
+        opt.step()
+        ema.update(model, 1000)  # NanoDet's EMA update runs every step too
+        if cuda:
+            torch.cuda.synchronize()
+
+    return run
+
+
 def torch_step(ref, config, batch: int, repeats: int) -> dict[str, float]:
     import torch
 
     cuda = torch.cuda.is_available() and jax.default_backend() == "gpu"
-    out = {}
-    for layout in ("NCHW", "channels_last"):
-        model = ref.build_model(config.model.arch.to_dict())
-        model.train()
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.05)
-        rng = np.random.default_rng(0)
-        img = torch.from_numpy(rng.normal(size=(batch, 3, SIZE, SIZE)).astype(np.float32))
-        if cuda:
-            model, img = model.cuda(), img.cuda()
-        if layout == "channels_last":
-            model = model.to(memory_format=torch.channels_last)
-            img = img.contiguous(memory_format=torch.channels_last)
-        boxes, labels = random_targets(batch)
-        meta = {"img": img, "gt_bboxes": list(boxes), "gt_labels": list(labels),
-                "gt_bboxes_ignore": None}  # fmt: skip
-
-        ema = ref.module("nanodet.model.weight_averager.ema").ExpMovingAverager(0.9998)
-        ema.load_from(model)
-
-        def run(model=model, meta=meta, opt=opt, ema=ema):
-            _, loss, _ = model.forward_train(meta)
-            opt.zero_grad()
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), float(config.grad_clip))
-            opt.step()
-            ema.update(model, 1000)  # NanoDet's EMA update runs every step too
-            if cuda:
-                torch.cuda.synchronize()
-
-        out[f"torch {layout}"] = median_seconds(run, repeats, warmup=1)
-    return out
+    return {
+        f"torch {layout}": median_seconds(
+            torch_train_run(ref, config, batch, layout, cuda), repeats, warmup=1
+        )
+        for layout in ("NCHW", "channels_last")
+    }
 
 
 def pipeline_rate(config, data_dir: str | None, batch: int) -> float:

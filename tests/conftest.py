@@ -112,6 +112,10 @@ def pytest_addoption(parser):
         "--corruption-suite", action="store_true",
         help="also run every seed of the data corruption suite (tests/datasets/test_corruption.py)",
     )  # fmt: skip
+    parser.addoption(
+        "--accelerator-suite", action="store_true",
+        help="also run the whole reduced accelerator check (tests/test_accelerator_check.py)",
+    )  # fmt: skip
 
 
 # The longest files (train.py runs, several-program fixtures), started first: with two
@@ -133,6 +137,11 @@ def pytest_collection_modifyitems(config, items):
         for item in items:
             if "kill_suite" in item.keywords:
                 item.add_marker(skip_kills)
+    if not config.getoption("--accelerator-suite"):
+        skip_accel = pytest.mark.skip(reason="the whole reduced run: --accelerator-suite")
+        for item in items:
+            if "accelerator_suite" in item.keywords:
+                item.add_marker(skip_accel)
     if not config.getoption("--corruption-suite"):
         skip_damage = pytest.mark.skip(
             reason="the full corruption suite runs with --corruption-suite"

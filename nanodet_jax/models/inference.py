@@ -27,15 +27,21 @@ log = logging.getLogger("nanodet_jax")
 
 class InferenceModel:
     """An eval-mode copy of ``model`` (BatchNorm folded unless ``fold_bn`` is False) whose
-    :meth:`jit` functions take the weights as one flat list of arrays."""
+    :meth:`jit` functions take the weights as one flat list of arrays. ``dtype`` (e.g.
+    ``jnp.bfloat16``) casts the parameters (``nnx.Param``; BatchNorm statistics, where
+    not folded, stay float32) for reduced-precision inference."""
 
-    def __init__(self, model: nnx.Module, fold_bn: bool = True):
+    def __init__(self, model: nnx.Module, fold_bn: bool = True, dtype: Any = None):
         if fold_bn:
             model, folded = fold_batchnorm(model)
             log.debug(f"inference model: {folded} BatchNorms folded into their convolutions")
         else:
             model = nnx.merge(*nnx.split(model))
             model.eval()
+        if dtype is not None:
+            graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+            params = jax.tree.map(lambda p: p.astype(dtype), params)
+            model = nnx.merge(graphdef, params, rest)
         self.graphdef, self.state = nnx.split(model)
         self.arrays, self._treedef = jax.tree.flatten(self.state)
 

@@ -17,66 +17,48 @@ algorithm on random problems, padding invariance, empty images and batch indepen
 
 from __future__ import annotations
 
-import json
 import os
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import nnx
 
 from nanodet_jax.assigners.dynamic_soft_label import assign
 from nanodet_jax.box_ops import center_priors
-from nanodet_jax.config.loading import load_config
 from nanodet_jax.losses.gfl_head import decode_predictions
-from nanodet_jax.models import build_model
 from nanodet_jax.models.detectors.nanodet_plus import assign_from_aux, nanodet_plus_loss
-from nanodet_jax.testing import array_digest, normal_input, random_state_dict
-from nanodet_jax.weights.pytorch import load_torch_weights, model_variables, to_torch_layout
-from tests.conftest import REPO
+from tools.golden_checks import (
+    TRAIN_GOLDEN,
+    TRAIN_NUM_CLASSES,
+    TRAIN_REG_MAX,
+    check_targets,
+    failed,
+    format_rows,
+    ground_truth,
+    rel_to_max,
+    train_golden,
+    train_step_outputs,
+    train_step_report,
+)
 
-GOLDEN = os.path.join(REPO, "tests", "data", "golden_train.npz")
 TERMS = ("loss_qfl", "loss_bbox", "loss_dfl", "aux_loss_qfl", "aux_loss_bbox", "aux_loss_dfl")
 LOSS_CFG = {
     "loss_qfl": {"beta": 2.0, "loss_weight": 1.0},
     "loss_dfl": {"loss_weight": 0.25},
     "loss_bbox": {"loss_weight": 2.0},
 }
-NUM_CLASSES, REG_MAX = 5, 7
+NUM_CLASSES, REG_MAX = TRAIN_NUM_CLASSES, TRAIN_REG_MAX
 
 
 @pytest.fixture(scope="module")
 def golden():
-    if not os.path.isfile(GOLDEN):
+    if not os.path.isfile(TRAIN_GOLDEN):
         pytest.fail(
             "tests/data/golden_train.npz is absent: run tools/make_golden_train.py",
             pytrace=False,
         )
-    with np.load(GOLDEN) as data:
-        arrays = {k: data[k] for k in data.files}
-    meta = json.loads(str(arrays.pop("meta")))
-    config = load_config(os.path.join(REPO, meta["config"]), meta["overrides"])
-    priors = center_priors(tuple(meta["input_shape_nchw"][2:]), config.model.arch.head.strides)
-    return meta, arrays, config, jnp.asarray(priors)
-
-
-def _gt(arrays: dict) -> tuple[jax.Array, jax.Array, jax.Array]:
-    return (jnp.asarray(arrays[k]) for k in ("gt_boxes", "gt_labels", "gt_mask"))
-
-
-def _check_targets(ours, arrays: dict, score_atol: float = 1e-6) -> None:
-    np.testing.assert_array_equal(np.asarray(ours.assigned_gt), arrays["assigned_gt"])
-    np.testing.assert_array_equal(np.asarray(ours.labels), arrays["labels"])
-    np.testing.assert_array_equal(np.asarray(ours.pos_mask), arrays["assigned_gt"] >= 0)
-    np.testing.assert_allclose(ours.label_scores, arrays["label_scores"], rtol=0, atol=score_atol)
-    np.testing.assert_allclose(ours.bbox_targets, arrays["bbox_targets"], rtol=0, atol=1e-5)
-    np.testing.assert_allclose(ours.dist_targets, arrays["dist_targets"], rtol=0, atol=1e-5)
-
-
-def _rel(ours, ref) -> float:
-    ours, ref = np.asarray(ours, np.float64), np.asarray(ref, np.float64)
-    return float(np.abs(ours - ref).max() / max(np.abs(ref).max(), 1e-30))
+    return train_golden()
 
 
 @pytest.mark.parametrize("dense", [False, True], ids=["factorised", "dense"])
@@ -84,8 +66,8 @@ def test_assignment_on_reference_outputs(golden, dense: bool) -> None:
     _, arrays, _, priors = golden
     cls, _, boxes = decode_predictions(jnp.asarray(arrays["aux_out"]), priors, NUM_CLASSES, REG_MAX)
     fn = jax.jit(assign, static_argnums=(6, 7, 8, 9, 10))
-    ours = fn(cls, priors, boxes, *_gt(arrays), NUM_CLASSES, REG_MAX, 13, 3.0, dense)
-    _check_targets(ours, arrays)
+    ours = fn(cls, priors, boxes, *ground_truth(arrays), NUM_CLASSES, REG_MAX, 13, 3.0, dense)
+    check_targets(ours, arrays)
     # The fixture is not trivial: several gts, conflicts resolved outside the own box.
     assert np.sum(arrays["assigned_gt"] >= 0, axis=1).tolist()[1] == 0
     assert len(np.unique(arrays["assigned_gt"][2])) > 15
@@ -98,79 +80,24 @@ def test_losses_on_reference_outputs(golden) -> None:
             h, a, b, lab, m, priors, config.model.arch.head.loss, NUM_CLASSES, REG_MAX
         )
     )
-    total, terms = loss(arrays["head_out"], arrays["aux_out"], *_gt(arrays))
+    total, terms = loss(arrays["head_out"], arrays["aux_out"], *ground_truth(arrays))
     for phase in meta["phases"]:  # same forward pass, same losses: both recorded
         for k in TERMS:
-            assert _rel(terms[k], arrays[f"{phase}/loss/{k}"]) <= 1e-5, k
-        assert _rel(total, arrays[f"{phase}/loss/total"]) <= 1e-5
-
-
-def _torch_shape(value) -> tuple[int, ...]:
-    s = tuple(value.shape)
-    return (s[3], s[2], s[0], s[1]) if len(s) == 4 else s
+            assert rel_to_max(terms[k], arrays[f"{phase}/loss/{k}"]) <= 1e-5, k
+        assert rel_to_max(total, arrays[f"{phase}/loss/total"]) <= 1e-5
 
 
 @pytest.fixture(scope="module")
 def train_step(golden):
     """Jitted (loss terms, assignment, named gradients) of our model on the fixture batch."""
-    meta, arrays, config, priors = golden
-    model = build_model(config, with_aux=True)
-    shapes = {k: _torch_shape(v[...]) for k, v in model_variables(model).items()}
-    weights = random_state_dict(shapes, meta["weight_seed"])
-    assert array_digest(weights) == meta["weights_sha256"], "weights differ from the fixture's"
-    load_torch_weights(model, weights)
-    model.train()
-    x = normal_input(meta["input_seed"], meta["input_shape_nchw"])
-    assert array_digest({"input": x}) == meta["input_sha256"], "input RNG stream changed"
-    x = jnp.asarray(x.transpose(0, 2, 3, 1))
-    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-    loss_cfg = config.model.arch.head.loss
-
-    @jax.jit
-    def step(params, rest, x, gt_boxes, gt_labels, gt_mask):
-        def total_loss(params, detach):
-            m = nnx.merge(graphdef, params, rest, copy=True)
-            head_out, aux_out = m.forward_train(x, detach_aux=detach)
-            total, terms = nanodet_plus_loss(
-                head_out, aux_out, gt_boxes, gt_labels, gt_mask, priors, loss_cfg, 5, 7
-            )
-            targets = assign_from_aux(aux_out, gt_boxes, gt_labels, gt_mask, priors, 5, 7)
-            return total, (terms, targets)
-
-        out = {}
-        for phase, detach in (("joint", False), ("detached", True)):
-            (total, (terms, targets)), grads = jax.value_and_grad(total_loss, has_aux=True)(
-                params, detach
-            )
-            named = model_variables(nnx.merge(graphdef, grads, rest, copy=True))
-            # Every parameter's gradient (not only the recorded ones): the detach test
-            # checks the whole network.
-            grads = {k: v[...] for k, v in named.items() if isinstance(v, nnx.Param)}
-            out[phase] = ({**terms, "total": total}, targets, grads)
-        return out
-
-    return jax.device_get(step(params, rest, x, *_gt(arrays)))
+    return train_step_outputs(golden)
 
 
 @pytest.mark.parametrize("phase", ["joint", "detached"])
 def test_training_step_matches_reference(golden, train_step, phase: str) -> None:
-    meta, arrays, _, _ = golden
-    assert meta["phases"][phase]["detach"] == (phase == "detached")
-    losses, targets, grads = train_step[phase]
-    # Our aux output is ~1e-5 (relative) away from the reference's (float32 rounding of
-    # the forward pass), and the IoU targets inherit that; on identical inputs they
-    # agree to 1e-6 (test_assignment_on_reference_outputs).
-    _check_targets(targets, arrays, score_atol=1e-5)
-    for k, v in losses.items():
-        assert _rel(v, arrays[f"{phase}/loss/{k}"]) <= 1e-5, k
-    noise = meta["float32_noise"][phase]
-    failed = []
-    for k in meta["grad_params"]:
-        tol = max(1e-4, 10 * noise[f"grad/{k}"])
-        rel = _rel(to_torch_layout(np.asarray(grads[k])), arrays[f"{phase}/grad/{k}"])
-        if not rel <= tol:
-            failed.append(f"{k}: {rel:.2e} > {tol:.1e}")
-    assert not failed, failed
+    rows = train_step_report(golden, train_step, phase)
+    bad = failed(rows)
+    assert not bad, f"{phase}: {bad}\n{format_rows(rows)}"
 
 
 def test_detach_changes_only_shared_gradients(golden, train_step) -> None:
