@@ -202,8 +202,9 @@ def _train(
         if meta.get("global_batch", global_batch) != global_batch:
             raise SystemExit(
                 f"error: {mngr.directory} was written with a global batch of "
-                f"{meta['global_batch']} images, this run has {batch.describe()}; resume "
-                "with the same global batch (the data order depends on it)"
+                f"{meta['global_batch']} images, this run has {global_batch} "
+                f"({batch.per_device} per device x {batch.devices} devices, {batch.field}); "
+                "resume with the same global batch (the data order depends on it)"
             )
         log.info(f"resumed from {mngr.directory} at step {int(state.step)}")
     start = int(state.step)
