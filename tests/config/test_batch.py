@@ -11,7 +11,8 @@ from nanodet_jax.cli import train as train_cli
 from nanodet_jax.config.batch import resolve_batch
 from nanodet_jax.config.loading import load_config
 from nanodet_jax.errors import ConfigError
-from tests.conftest import config_path
+from tests.conftest import REPO, config_path
+from tools.record_nanodet_yml import our_configs
 
 
 def quickstart(*overrides: str):
@@ -51,6 +52,15 @@ def test_an_override_of_one_field_puts_it_in_force():
     )
     assert nanodet.device.batch_size_per_device == 0
     assert resolve_batch(nanodet.device, 8).per_device == 8
+
+
+@pytest.mark.parametrize("name", our_configs(REPO))
+def test_every_config_takes_either_batch_override(name):
+    """Every config has both fields (fcos_r50_fpn.py writes its device section whole)."""
+    device = load_config(config_path(name), ["--config.device.global_batch_size=32"]).device
+    assert resolve_batch(device, 8).per_device == 4
+    device = load_config(config_path(name), ["--config.device.batch_size_per_device=3"]).device
+    assert resolve_batch(device, 8).global_size == 24
 
 
 def test_a_global_batch_that_does_not_split_names_both_numbers_and_the_fix():
