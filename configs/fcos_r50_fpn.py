@@ -102,7 +102,12 @@ def get_config():
     }
     # torchvision's detection reference for FCOS: 8 GPUs x 2 images, SGD 0.01, 26 epochs,
     # steps at 16 and 22, linear warm-up from 1/1000 over the first 1000 iterations.
-    c.device = {"batch_size_per_device": 16, "workers": 4, "precision": "fp32"}
+    c.device = {
+        "batch_size_per_device": 16,
+        "global_batch_size": 0,
+        "workers": 4,
+        "precision": "fp32",
+    }
     c.schedule = {
         "optimizer": {"name": "SGD", "lr": 0.01, "momentum": 0.9, "weight_decay": 0.0001},
         "warmup": {"name": "linear", "steps": 1000, "ratio": 0.001},

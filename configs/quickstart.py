@@ -32,7 +32,10 @@ def get_config():
         f"{DATA}/val",
         f"{DATA}/annotations/instances_val.json",
     )
-    c.device.batch_size_per_device = 16
+    # A global batch, split over the devices: 32 steps an epoch on 1 GPU, 8 or a TPU host
+    # alike (per device it would be 16 x devices, too few steps for the warm-up).
+    c.device.global_batch_size = 16
+    c.device.batch_size_per_device = 0
     c.device.workers = 2
     c.schedule.total_epochs = 8
     c.schedule.lr_schedule.T_max = 8

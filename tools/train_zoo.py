@@ -117,7 +117,8 @@ def overrides(config: Any, args: argparse.Namespace, data: str) -> list[str]:
         f"--config.schedule.warmup.steps={sched['warmup']['steps']}",
         f"--config.schedule.total_epochs={args.epochs}",
         f"--config.schedule.val_intervals={args.epochs}",
-        f"--config.device.batch_size_per_device={args.batch}",
+        # The global batch, so that steps_per_epoch above holds on any device count.
+        f"--config.device.global_batch_size={args.batch}",
         "--config.device.workers=1",
         "--config.data.train.max_boxes_buckets=[16]",  # >= synthetic MAX_OBJECTS
         "--config.test.batch_size=8",

@@ -243,7 +243,16 @@ def nanodet_plus_config(
         "batch_size": 8,
     }
 
-    c.device = {"batch_size_per_device": 96, "workers": 4, "precision": "fp32"}
+    # The training batch: batch_size_per_device (NanoDet's batchsize_per_gpu; the global
+    # batch grows with the devices) or global_batch_size (split over all devices of all
+    # processes; the same run on any device count). One is in force, 0 = unset; see
+    # config/batch.py.
+    c.device = {
+        "batch_size_per_device": 96,
+        "global_batch_size": 0,
+        "workers": 4,
+        "precision": "fp32",
+    }
     # NanoDet's schedule (optim.py, schedules.py, param_groups.py; PyTorch's semantics):
     # optimizer.name: AdamW | Adam (betas, eps, weight_decay) | SGD (momentum, dampening,
     #   nesterov, weight_decay); absent keys take torch.optim's defaults. Optional extras:

@@ -35,6 +35,10 @@ def load_config_file(path: str | os.PathLike) -> ml_collections.ConfigDict:
 # Fields that take a boolean or a path (NanoDet's ``pretrain: True``, or a checkpoint).
 BOOL_OR_PATH_FIELDS = ("pretrain",)
 BOOLEAN_WORDS = ("true", "1", "yes", "false", "0", "no")
+# Pairs of fields of which one is in force (config/batch.py): an override of one unsets
+# the other, so ``--config.device.batch_size_per_device=4`` works on a config that states
+# a global batch (and the reverse) without a second override.
+EXCLUSIVE_FIELDS = (("device.global_batch_size", "device.batch_size_per_device"),)
 
 
 def _parse_value(text: str, current: Any, leaf: str = "") -> Any:
@@ -81,6 +85,7 @@ def _unknown_field(dotted: str, parents: Sequence[str], part: str, node: Any) ->
 def apply_overrides(config: ml_collections.ConfigDict, overrides: Sequence[str]) -> None:
     """Apply ``--config.a.b=value`` (or ``--config.a.b value``) arguments in place."""
     args = list(overrides)
+    given = set()
     i = 0
     while i < len(args):
         arg = args[i]
@@ -116,6 +121,22 @@ def apply_overrides(config: ml_collections.ConfigDict, overrides: Sequence[str])
                     raise ConfigError(f"--config.{dotted}={text}: {err}") from None
         else:
             node[leaf] = value
+        given.add(dotted)
+    for pair in EXCLUSIVE_FIELDS:
+        for field, other in (pair, pair[::-1]):
+            if field in given and other not in given:
+                _unset(config, other)
+
+
+def _unset(config: ml_collections.ConfigDict, dotted: str) -> None:
+    *parents, leaf = dotted.split(".")
+    node = config
+    for part in parents:
+        if not hasattr(node, "keys") or part not in node:
+            return
+        node = node[part]
+    if hasattr(node, "keys") and leaf in node:
+        node[leaf] = 0
 
 
 def split_overrides(argv: Sequence[str]) -> tuple[list[str], list[str]]:

@@ -21,7 +21,8 @@ NanoDet ``.yml``               ours                            note
 ``data.<s>.name``,             same                            absent ``keep_ratio`` is
 ``input_size``, ``keep_ratio``,                                NanoDet's default, True
 ``pipeline``, ``class_names``
-``device.batchsize_per_gpu``   ``device.batch_size_per_device``  renamed
+``device.batchsize_per_gpu``   ``device.batch_size_per_device``  renamed; written: the
+                                                               per-device batch on 1 GPU
 ``device.workers_per_gpu``     ``device.workers``              renamed (grain threads)
 ``device.precision``           ``device.precision``            32 <-> fp32, 16 <-> bf16 (our
                                                                half type is bfloat16)
@@ -41,6 +42,7 @@ lr_schedule, val_intervals)
                                ``seed``, ``init_bn_recalib...``  or the ``nanodet_jax:``
                                ``data.<s>.split``/``difficult``  block of a file we wrote
                                ``data.train.max_boxes_buckets``
+                               ``device.global_batch_size``
 =============================  ==============================  ==========================
 
 A file we write holds, under a top-level ``nanodet_jax:`` key (NanoDet's loader accepts new

@@ -12,6 +12,7 @@ from typing import Any
 
 import yaml
 
+from nanodet_jax.config.batch import resolve_batch
 from nanodet_jax.config.nanodet_yml import EXTRAS_KEY, PRECISION_OUT, _fail, from_nanodet_dict
 
 
@@ -67,7 +68,8 @@ def to_nanodet_dict(config: Any) -> dict:
         "device": {
             "gpu_ids": [0],
             "workers_per_gpu": c["device"]["workers"],
-            "batchsize_per_gpu": c["device"]["batch_size_per_device"],
+            # gpu_ids [0]: NanoDet's one GPU takes the whole global batch
+            "batchsize_per_gpu": resolve_batch(c["device"], 1).per_device,
             "precision": PRECISION_OUT[precision],
         },
         "schedule": schedule,

@@ -83,8 +83,8 @@ class TrainLoader:
         if len(records) < global_batch_size:
             raise ConfigError(  # e.g. damaged files skipped: a user's fix, not a traceback
                 f"{len(records)} images cannot fill one batch of {global_batch_size} "
-                "(the last partial batch is dropped); lower device.batch_size_per_device "
-                "or add images"
+                "(the last partial batch is dropped); lower device.global_batch_size "
+                "(or batch_size_per_device) or add images"
             )
         if not max_boxes_buckets or min(max_boxes_buckets) < 1:
             raise ValueError(f"max_boxes_buckets must be positive sizes: {max_boxes_buckets}")

@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from nanodet_jax import paths
+from nanodet_jax.config.batch import resolve_batch
 from nanodet_jax.data import transforms
 from nanodet_jax.data.coco import CocoDetection, load_image, require_image_files
 from nanodet_jax.data.datasets import build_dataset
@@ -151,6 +152,10 @@ def _train(
     progress_bar: bool,
 ) -> dict:
     main_process = distributed.is_main_process()
+    # First: a batch that does not split over the devices is a one-line error, not one
+    # after the dataset is read.
+    batch = resolve_batch(config.device, jax.device_count())
+    global_batch = batch.global_size
     workdir = paths.abspath(workdir)
     paths.makedirs(workdir)
 
@@ -162,7 +167,6 @@ def _train(
     # Now, not at the first evaluation after an epoch of training.
     require_image_files(val_set.records, val_set.ann_file)
     mesh = distributed.data_mesh()
-    global_batch = int(config.device.batch_size_per_device) * jax.device_count()
     loader = train_loader_from_config(
         train_set.records, config, global_batch,
         process_index=jax.process_index(), process_count=jax.process_count(),
@@ -197,8 +201,8 @@ def _train(
             raise SystemExit(
                 f"error: {mngr.directory} was written with a global batch of "
                 f"{meta['global_batch']} images, this run has {global_batch} "
-                f"({config.device.batch_size_per_device} per device x {jax.device_count()} "
-                "devices); resume with the same global batch (the data order depends on it)"
+                f"({batch.per_device} per device x {batch.devices} devices, {batch.field}); "
+                "resume with the same global batch (the data order depends on it)"
             )
         log.info(f"resumed from {mngr.directory} at step {int(state.step)}")
     start = int(state.step)
@@ -215,10 +219,10 @@ def _train(
         return steps[phase]
 
     log.info(
-        f"training {config.name}: {len(train_set)} images, global batch {global_batch} on "
-        f"{jax.device_count()} device(s), {steps_per_epoch} steps/epoch, {epochs} epochs, "
-        f"workdir {workdir}"
+        f"training {config.name}: {len(train_set)} images, {steps_per_epoch} steps/epoch, "
+        f"{epochs} epochs, workdir {workdir}"
     )
+    log.info(batch.describe())
     if config.get("init_from") and start == 0:
         # The starting point's accuracy, so a fine-tuning run shows what it changed.
         history.log_eval(0, 0, evaluate(graphdef, state, config, val_set, 0))

@@ -52,6 +52,7 @@ VALUE_DIFFERENCES = {
 NANODET_ONLY = {"device.gpu_ids"}
 # Only in ours (our defaults when loading a NanoDet file).
 OURS_ONLY = {
+    "device.global_batch_size",
     "test.score_thr",
     "test.nms_iou",
     "test.max_per_img",

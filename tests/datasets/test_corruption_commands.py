@@ -11,6 +11,7 @@ import shutil
 import subprocess
 import sys
 
+import jax
 import numpy as np
 import pytest
 
@@ -18,6 +19,7 @@ from nanodet_jax.cli import check_dataset
 from nanodet_jax.cli import common as cli
 from nanodet_jax.cli import eval as eval_cli
 from nanodet_jax.cli import train as train_cli
+from nanodet_jax.config.batch import resolve_batch
 from nanodet_jax.config.loading import load_config
 from nanodet_jax.data.datasets import build_dataset
 from nanodet_jax.data.pipeline import TrainLoader, train_loader_from_config
@@ -73,7 +75,7 @@ def test_training_skips_damaged_images_naming_them(shapes, tmp_path, capsys):
     parsed, overrides = train_cli.parse_args(argv)
     config = load_config(parsed.config, overrides)
     records = build_dataset(config.data.train, list(config.class_names)).records
-    batch = int(config.device.batch_size_per_device)
+    batch = resolve_batch(config.device, jax.device_count()).global_size
     first = train_loader_from_config(records, config, batch).local_indices(0, 0)
     damaged = [records[int(i)].path for i in first[:2]]
     with open(damaged[0], "rb") as f:

@@ -193,9 +193,12 @@ RESUME_RTOL = 2e-3
 # program, whose compile is less than half NanoDet-Plus's (63 vs 147 s measured on a
 # loaded 2-core machine). NanoDet-Plus's step, aux head included, is the one
 # test_eight_devices_equal_one_device compares across topologies.
-def dist_args(data, workdir, max_steps: int, batch: int) -> list[str]:
-    """train.py arguments: test_train's tiny run with ``batch`` images per device."""
-    args = [a.replace("batch_size_per_device=4", f"batch_size_per_device={batch}")
+def dist_args(
+    data, workdir, max_steps: int, batch: int, field: str = "batch_size_per_device"
+) -> list[str]:
+    """train.py arguments: test_train's tiny run with ``batch`` images per device, or in
+    all (``field="global_batch_size"``)."""
+    args = [a.replace("batch_size_per_device=4", f"{field}={batch}")
             for a in train_args(data, workdir, max_steps)]  # fmt: skip
     return ["train.py", *args, SGD]
 
@@ -206,6 +209,9 @@ def one_host_reference(shapes_data, tmp_path_factory) -> dict[int, float]:
     workdir = tmp_path_factory.mktemp("one_host") / "run"
     proc = run(dist_args(shapes_data, workdir, 6, 2), devices=4)
     check(proc)
+    assert "global batch 8 = 4 devices x 2 per device (device.batch_size_per_device)" in (
+        proc.stderr
+    ), proc.stderr[-4000:]
     return train_losses(workdir)
 
 
@@ -219,9 +225,11 @@ def assert_losses_equal(
 
 def test_two_processes_then_one(shapes_data, tmp_path, one_host_reference):
     """2 processes x 2 devices train as 1 x 4; a SIGTERM to both (a preemption) stops them
-    at one common step with one joint checkpoint, exit 0; it resumes on 1 device."""
+    at one common step with one joint checkpoint, exit 0; it resumes on 1 device. The
+    reference states 2 per device, this run the global batch of 8 (split over the devices
+    of both processes), the resumed run 8 on its one device."""
     workdir = tmp_path / "run"
-    base = [*dist_args(shapes_data, workdir, 6, 2), "--log_samples"]
+    base = [*dist_args(shapes_data, workdir, 6, 8, "global_batch_size"), "--log_samples"]
     port = free_port()
     logs = [tmp_path / f"p{i}.log" for i in range(2)]
     procs = []
@@ -251,6 +259,7 @@ def test_two_processes_then_one(shapes_data, tmp_path, one_host_reference):
     assert [s["stopped_by"] for s in summaries] == ["SIGTERM", "SIGTERM"], errs[0][-4000:]
     assert summaries[1]["final_step"] == stop and 1 <= stop <= 4, summaries
     assert f"stopped by SIGTERM after step {stop}" in errs[0], errs[0][-4000:]
+    assert "global batch 8 = 4 devices x 2 per device (device.global_batch_size)" in errs[0]
     assert summaries[0]["params_sha256"] == summaries[1]["params_sha256"]
     # 2 hosts x 2 devices compute what 1 host x 4 devices does (the steps before the stop).
     two_hosts = train_losses(workdir)
