@@ -66,11 +66,15 @@ def plot_training_curves(records: Sequence[dict], path: str) -> None:
     evals = [r for r in records if r.get("kind") == "eval"]
     fig, axes = plt.subplots(1, 3, figsize=(15, 4))
     steps = [r["step"] for r in train]
-    for key in ("loss", "loss_qfl", "loss_bbox", "loss_dfl", "aux_loss_qfl"):
-        if train and key in train[0]:
-            axes[0].plot(steps, [r[key] for r in train], label=key)
+    # Every loss term the detector logs (NanoDet-Plus: loss_qfl, ..., aux_loss_*; FCOS:
+    # its own names), the total first.
+    keys = sorted((k for k in (train[0] if train else {}) if k.startswith(("loss", "aux_loss"))),
+                  key=lambda k: (k != "loss", k))  # fmt: skip
+    for key in keys:
+        axes[0].plot(steps, [r.get(key, float("nan")) for r in train], label=key)
     axes[0].set(title="training loss", xlabel="step")
-    axes[0].legend(fontsize=8)
+    if keys:
+        axes[0].legend(fontsize=8)
     if train and "lr" in train[0]:
         axes[1].plot(steps, [r["lr"] for r in train])
     axes[1].set(title="learning rate", xlabel="step")
