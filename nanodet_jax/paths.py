@@ -19,10 +19,12 @@ Object stores differ from a disk in two ways this module hides:
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib.util
 import os
 import posixpath
+import threading
 from collections.abc import Iterator
 from typing import IO, Any
 
@@ -184,16 +186,23 @@ def rmtree(path: PathLike) -> None:
 
 def write_atomic(path: PathLike, data: str | bytes) -> None:
     """Replace the file's content so that a kill leaves the old content or the new, never
-    a part: a local file via ``<path>.tmp`` and ``os.replace``; an object by one upload."""
+    a part: a local file via a temporary file beside it and ``os.replace``; an object by
+    one upload. The temporary name is per process and thread, so writers racing on one
+    path (processes indexing the same shard) do not clash: the last rename wins."""
     mode = "wb" if isinstance(data, bytes) else "w"
     if is_remote(path):
         with open_file(path, mode) as f:
             f.write(data)
         return
-    tmp = os.fspath(path) + ".tmp"
-    with open_file(tmp, mode) as f:
-        f.write(data)
-    as_path(tmp).replace(os.fspath(path))
+    tmp = f"{os.fspath(path)}.{os.getpid()}-{threading.get_ident()}.tmp"
+    try:
+        with open_file(tmp, mode) as f:
+            f.write(data)
+        as_path(tmp).replace(os.fspath(path))
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
 
 
 def write_text(path: PathLike, text: str) -> None:

@@ -120,6 +120,7 @@ def test_append_and_atomic_replace(base, monkeypatch):
         with pytest.raises(OSError, match="killed"):
             paths.write_atomic(log, "4\n")
         assert paths.read_text(log) == "3\n"
+        assert not [n for n in paths.listdir(base) if n.endswith(".tmp")]  # removed
     else:  # an object store has no append / rename: one whole upload instead
         with pytest.raises(ValueError, match="cannot append"):
             paths.open_file(log, "a")

@@ -21,10 +21,10 @@ there (its framing is lost), so its later records raise it too.
 from __future__ import annotations
 
 import hashlib
+import io
 import logging
 import os
 import struct
-import tempfile
 import threading
 from collections.abc import Sequence
 from typing import Any
@@ -109,20 +109,14 @@ def _load_index(candidate: str, stat: tuple[int, int]) -> tuple[np.ndarray, ...]
 
 
 def _save_index(candidate: str, stat: tuple[int, int], index: tuple) -> bool:
-    folder = os.path.dirname(candidate)
+    buf = io.BytesIO()
+    np.savez(buf, offsets=index[0], lengths=index[1], problem=np.str_(index[2]),
+             file_size=stat[0], mtime_ns=stat[1])  # fmt: skip
     try:
-        os.makedirs(folder, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(suffix=".tmp.npz", dir=folder)
-    except OSError:  # a read-only dataset folder: the caller tries the cache directory
-        return False
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, offsets=index[0], lengths=index[1], problem=np.str_(index[2]),
-                     file_size=stat[0], mtime_ns=stat[1])  # fmt: skip
-        os.replace(tmp, candidate)  # atomic: processes indexing at once do not clash
+        os.makedirs(os.path.dirname(candidate), exist_ok=True)
+        paths.write_atomic(candidate, buf.getvalue())
         return True
-    except OSError:
-        os.unlink(tmp)
+    except OSError:  # a read-only dataset folder: the caller tries the cache directory
         return False
 
 

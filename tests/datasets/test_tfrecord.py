@@ -119,14 +119,14 @@ def test_index_beside_or_in_cache_and_invalidated(data, tmp_path, monkeypatch):
     assert len(scans) == 2
     # A read-only dataset folder (simulated: tests may run as root): the cache is used.
     os.remove(shard + tfrecord.INDEX_SUFFIX)
-    mkstemp = tfrecord.tempfile.mkstemp
+    write_atomic = tfrecord.paths.write_atomic
 
-    def no_write_beside(suffix, dir):
-        if os.path.samefile(dir, tmp_path / "ds"):
-            raise PermissionError(dir)
-        return mkstemp(suffix=suffix, dir=dir)
+    def no_write_beside(path, data):
+        if os.path.samefile(os.path.dirname(path), tmp_path / "ds"):
+            raise PermissionError(path)
+        return write_atomic(path, data)
 
-    monkeypatch.setattr(tfrecord.tempfile, "mkstemp", no_write_beside)
+    monkeypatch.setattr(tfrecord.paths, "write_atomic", no_write_beside)
     tfrecord.shard_index(shard)
     tfrecord.shard_index(shard)
     assert len(scans) == 3 and not os.path.exists(shard + tfrecord.INDEX_SUFFIX)
