@@ -95,7 +95,7 @@ def init_weights(model: Detector, source: str) -> None:
 def recalibrate_bn(model: Detector, config: Any, dataset: CocoDetection, num_images: int) -> None:
     """BatchNorm statistics re-estimated on the first training images (resized as for
     validation), keeping the network's function; see bn_recalibration.py."""
-    predictor = Predictor(model, config)  # only for its preprocessing
+    predictor = Predictor(model, config, fold_bn=False)  # only for its preprocessing
     mean, std = config.data.val.pipeline.normalize
     records = dataset.records[:num_images]
     batches = []
