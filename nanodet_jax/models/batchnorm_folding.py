@@ -3,7 +3,10 @@
 In eval mode ``bn(conv(x))`` is one convolution with kernel ``w * s`` and bias
 ``b * s + (beta - mean * s)``, ``s = gamma / sqrt(var + eps)`` per output channel. The
 folded model skips one pass over every normalised activation (what the ONNX export and
-NanoDet's deployment runtimes do too); ``Predictor`` runs it.
+NanoDet's deployment runtimes do too); ``Predictor`` runs it. A folded depthwise, 1x1
+or stem convolution also takes over the activation after its norm where the module allows
+it (``_fuse_epilogue``): on CPU the C++ kernels then apply bias and activation as they
+store each output vector.
 
 Which convolution a BatchNorm follows is declared, never guessed: folding is only right
 when the convolution's output feeds nothing but that BatchNorm. Three places declare it:
@@ -25,8 +28,17 @@ import numpy as np
 from flax import nnx
 
 from nanodet_jax.models.frozen import FrozenBatchNorm2d
-from nanodet_jax.models.layers import Conv2d, ConvModule, DepthwiseConvModule, Sequential
+from nanodet_jax.models.layers import (
+    Activation,
+    Conv2d,
+    ConvModule,
+    DepthwiseConvModule,
+    Sequential,
+)
 from nanodet_jax.models.norm import BatchNorm2d
+from nanodet_jax.ops.depthwise_ffi import fused_depthwise_weights
+from nanodet_jax.ops.epilogue import EPILOGUE_ACTIVATIONS
+from nanodet_jax.ops.fused_conv import fused_dense_weights
 
 NORMS = (BatchNorm2d, FrozenBatchNorm2d)
 
@@ -93,6 +105,37 @@ def _children(module: Any) -> list[Any]:
     return [v for v in vars(module).values() if isinstance(v, (nnx.Module, nnx.List))]
 
 
+def _fuse_epilogue(module: Any, conv: Conv2d, norm_key: str | int) -> None:
+    """Let a folded depthwise, 1x1 or stem ``conv`` (``Conv2d.fusable_epilogue``) apply
+    its bias, and the activation ``module`` applies right after the norm, as the kernel's
+    epilogue (``ops.depthwise_conv2d_bias_act``, ``ops.fused_conv``). ConvModule and
+    DepthwiseConvModule skip their activation when their convolution has one; in a
+    Sequential the activation layer is replaced by the identity. Elsewhere (``BN_FOLDS``)
+    only the bias moves."""
+    if not conv.fusable_epilogue:
+        return
+    kernel, bias = conv.weight[...], conv.bias[...]
+    fused = (
+        fused_depthwise_weights(kernel, bias)
+        if conv.depthwise
+        else fused_dense_weights(kernel, bias)
+    )
+    conv.weight = nnx.Param(fused)
+    conv.bias = None
+    conv.fuse_epilogue = True
+    if isinstance(module, Sequential):
+        nxt = norm_key + 1
+        act = module[nxt] if nxt < len(module) else None
+    elif isinstance(module, (ConvModule, DepthwiseConvModule)):
+        act = module.act
+    else:
+        return
+    if isinstance(act, Activation) and act.name is not None and act.name in EPILOGUE_ACTIVATIONS:
+        conv.activation = act.name
+        if isinstance(module, Sequential):
+            module[norm_key + 1] = Activation(None)
+
+
 def _fold_tree(module: Any) -> int:
     count = 0
     for conv_key, norm_key in _pairs(module):
@@ -100,10 +143,32 @@ def _fold_tree(module: Any) -> int:
         if isinstance(conv, Conv2d) and isinstance(norm, NORMS):
             _fold_into(conv, norm)
             _set(module, norm_key, FoldedNorm())
+            _fuse_epilogue(module, conv, norm_key)
             count += 1
     for child in _children(module):
         count += _fold_tree(child)
+    _fuse_stem_max_pool(module)  # after the children: conv1 is folded by then
     return count
+
+
+def _fuse_stem_max_pool(module: Any) -> None:
+    """A module declaring ``STEM_MAX_POOL = "name"`` applies ``max_pool_3x3_s2`` to the
+    output of its Sequential ``name`` unless that Sequential's first convolution has
+    ``max_pool`` set: set it once the convolution is a fused stem whose activation (if
+    any) moved in with it, i.e. nothing runs between it and the pool."""
+    name = getattr(type(module), "STEM_MAX_POOL", None)
+    seq = getattr(module, name, None) if name else None
+    if not isinstance(seq, Sequential) or not isinstance(seq[0], Conv2d):
+        return
+    conv = seq[0]
+    rest = [m for m in list(seq)[1:] if not isinstance(m, FoldedNorm)]
+    if (
+        conv.fuse_epilogue
+        and not conv.depthwise
+        and conv.kernel_size > 1
+        and all(isinstance(m, Activation) and m.name is None for m in rest)
+    ):
+        conv.max_pool = True
 
 
 def fold_batchnorm(model: nnx.Module) -> tuple[nnx.Module, int]:

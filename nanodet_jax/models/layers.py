@@ -20,7 +20,14 @@ from flax import nnx
 from jax import lax
 
 from nanodet_jax.models.norm import build_norm
-from nanodet_jax.ops import conv3x3, depthwise_conv2d
+from nanodet_jax.ops import (
+    conv3x3,
+    depthwise_conv2d,
+    depthwise_conv2d_bias_act,
+    pointwise_conv_bias_act,
+    stem_conv_bias_act,
+)
+from nanodet_jax.ops.fused_conv import STEM_MAX_CHANNELS
 
 Initializer = Callable[[jax.Array, tuple[int, ...], jnp.dtype], jax.Array]
 
@@ -141,6 +148,7 @@ class Conv2d(nnx.Module):
     ):
         if in_channels % groups or out_channels % groups:
             raise ValueError(f"channels {in_channels}->{out_channels} not divisible by {groups}")
+        self.kernel_size = kernel_size
         self.stride = stride
         self.padding = padding
         self.groups = groups
@@ -157,8 +165,38 @@ class Conv2d(nnx.Module):
             self.bias = nnx.Param(value)
         else:
             self.bias = None
+        # Set by BatchNorm folding, in inference copies only (``fusable_epilogue``): the
+        # bias, and ``activation`` moved here from the layer after the folded norm, are
+        # the kernel's epilogue, and ``weight`` holds kernel and bias in the fused op's
+        # layout (depthwise: [R*R + 1, 1, 1, C]; dense: [1, 1, R*R*C + 1, K]).
+        self.fuse_epilogue = False
+        self.activation: str | None = None
+        self.max_pool = False  # a stem's 3x3 / 2 max pool, also moved here (ShuffleNetV2)
+
+    @property
+    def fusable_epilogue(self) -> bool:
+        """One the fused inference kernels run: depthwise, stride-1 1x1, or a stem (few
+        input channels)."""
+        if self.depthwise:
+            return True
+        if self.groups != 1:
+            return False
+        pointwise = self.kernel_size == 1 and self.stride == 1 and self.padding == 0
+        return pointwise or (self.weight.shape[2] <= STEM_MAX_CHANNELS and self.kernel_size <= 7)
 
     def __call__(self, x: jax.Array) -> jax.Array:
+        if self.fuse_epilogue:
+            wb, act = self.weight[...], ACTIVATIONS[self.activation]
+            if self.depthwise:
+                return depthwise_conv2d_bias_act(
+                    x, wb, self.stride, self.padding, self.activation, act
+                )
+            if self.kernel_size == 1 and self.stride == 1 and self.padding == 0:
+                return pointwise_conv_bias_act(x, wb, self.activation, act)
+            return stem_conv_bias_act(
+                x, wb, self.kernel_size, self.stride, self.padding, self.activation, act,
+                max_pool=self.max_pool,
+            )  # fmt: skip
         kernel = self.weight[...].astype(x.dtype)
         if self.depthwise:
             y = depthwise_conv2d(x, kernel, self.stride, self.padding)
@@ -237,7 +275,8 @@ class ConvModule(nnx.Module):
         x = self.conv(x)
         if self.norm_name is not None:
             x = getattr(self, self.norm_name)(x)
-        return self.act(x)
+        # A folded inference copy may apply the activation in the convolution already.
+        return x if self.conv.activation is not None else self.act(x)
 
 
 class DepthwiseConvModule(nnx.Module):
@@ -288,8 +327,11 @@ class DepthwiseConvModule(nnx.Module):
         self.act = Activation(activation)
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        x = self.act(self.dwnorm(self.depthwise(x)))
-        return self.act(self.pwnorm(self.pointwise(x)))
+        # A folded inference copy may apply the activations in the convolutions already.
+        x = self.dwnorm(self.depthwise(x))
+        x = x if self.depthwise.activation is not None else self.act(x)
+        x = self.pwnorm(self.pointwise(x))
+        return x if self.pointwise.activation is not None else self.act(x)
 
 
 def upsample_bilinear_2x(x: jax.Array) -> jax.Array:

@@ -28,6 +28,7 @@ from jax import lax
 
 from nanodet_jax.ops import depthwise_ffi
 from nanodet_jax.ops.depthwise_xla import depthwise_conv2d_xla
+from nanodet_jax.ops.epilogue import EPILOGUE_ACTIVATIONS
 
 ENV_VAR = "NANODET_JAX_DEPTHWISE"
 IMPLS = ("auto", "ffi", "xla", "lax")
@@ -68,6 +69,13 @@ def _cpu_impl(choice: str, k: int) -> Impl:
     return depthwise_conv2d_xla
 
 
+def _choice(impl: str | None) -> str:
+    choice = impl or os.environ.get(ENV_VAR, "auto") or "auto"
+    if choice not in IMPLS:
+        raise ValueError(f"depthwise implementation must be one of {IMPLS}, got {choice!r}")
+    return choice
+
+
 def depthwise_conv2d(
     x: jax.Array, kernel: jax.Array, stride: int, padding: int, *, impl: str | None = None
 ) -> jax.Array:
@@ -83,9 +91,7 @@ def depthwise_conv2d(
     Returns:
       [N, Ho, Wo, C] in the dtype of ``x``, Ho = (H + 2*padding - K) // stride + 1.
     """
-    choice = impl or os.environ.get(ENV_VAR, "auto") or "auto"
-    if choice not in IMPLS:
-        raise ValueError(f"depthwise implementation must be one of {IMPLS}, got {choice!r}")
+    choice = _choice(impl)
     k, k2, one, c = kernel.shape
     if k != k2 or one != 1 or c != x.shape[-1] or x.ndim != 4:
         raise ValueError(
@@ -102,4 +108,50 @@ def depthwise_conv2d(
         kernel,
         cpu=partial(cpu, stride=stride, padding=padding),
         default=partial(depthwise_conv2d_lax, stride=stride, padding=padding),
+    )
+
+
+def depthwise_conv2d_bias_act(
+    x: jax.Array,
+    wb: jax.Array,
+    stride: int,
+    padding: int,
+    activation: str | None,
+    activation_fn: Callable[[jax.Array], jax.Array],
+    *,
+    impl: str | None = None,
+) -> jax.Array:
+    """``activation_fn(depthwise_conv2d(x, kernel, stride, padding) + bias)``.
+
+    For inference, BatchNorm folded into kernel and bias: ``wb`` is the [K*K + 1, 1, 1, C]
+    array of ``depthwise_ffi.fused_depthwise_weights(kernel, bias)``. Where the C++
+    kernels run, bias and activation are their epilogue, applied to each output vector
+    before it is stored, which saves XLA's separate pass over the output; that path has
+    no gradient. ``activation`` is NanoDet's name of ``activation_fn``; names the epilogue
+    does not know, other implementations and other backends take the unfused path.
+    """
+    choice = _choice(impl)
+    stride, padding = int(stride), int(padding)
+    k, c = depthwise_ffi.fused_kernel_size(wb), wb.shape[-1]
+
+    def unfused(x: jax.Array, wb: jax.Array, fn: Impl) -> jax.Array:
+        kernel, bias = wb[: k * k].reshape(k, k, 1, c), wb[k * k].reshape(c)
+        y = fn(x, kernel.astype(x.dtype), stride, padding)
+        return activation_fn(y + bias.astype(y.dtype))
+
+    fusable = (
+        activation in EPILOGUE_ACTIVATIONS
+        and choice in ("auto", "ffi")
+        and x.dtype != jnp.float64
+        and _cpu_impl(choice, k) is depthwise_ffi.depthwise_conv2d_ffi
+    )
+    if not fusable:
+        return unfused(x, wb, partial(depthwise_conv2d, impl=impl))
+
+    def fused(x: jax.Array, wb: jax.Array) -> jax.Array:
+        y = depthwise_ffi.forward_bias_act(x, wb, stride, padding, activation)
+        return y.astype(x.dtype)
+
+    return lax.platform_dependent(
+        x, wb, cpu=fused, default=partial(unfused, fn=depthwise_conv2d_lax)
     )

@@ -34,9 +34,12 @@ _ARCH_FLAGS = (("-march=native",), ())
 # FFI target name -> exported handler symbol, for every kernel in the library.
 TARGETS = {
     "nanodet_depthwise_fwd": "NanodetDepthwiseFwd",
+    "nanodet_depthwise_fwd_fused": "NanodetDepthwiseFwdFused",
     "nanodet_depthwise_input_grad": "NanodetDepthwiseInputGrad",
     "nanodet_depthwise_weight_grad": "NanodetDepthwiseWeightGrad",
     "nanodet_winograd_conv3x3": "NanodetWinogradConv3x3",
+    "nanodet_pointwise_bias_act": "NanodetPointwiseBiasAct",
+    "nanodet_stem_conv_bias_act": "NanodetStemConvBiasAct",
 }
 
 _lock = threading.Lock()

@@ -22,8 +22,15 @@ from nanodet_jax.models.backbones.shufflenetv2 import ShuffleV2Block
 from nanodet_jax.models.batchnorm_folding import NORMS, FoldedNorm, fold_batchnorm
 from nanodet_jax.models.frozen import freeze_batch_norms
 from nanodet_jax.models.inference import InferenceModel
-from nanodet_jax.models.layers import Conv2d, ConvModule, DepthwiseConvModule, max_pool_3x3_s2
-from nanodet_jax.models.norm import GroupNorm
+from nanodet_jax.models.layers import (
+    Activation,
+    Conv2d,
+    ConvModule,
+    DepthwiseConvModule,
+    Sequential,
+    max_pool_3x3_s2,
+)
+from nanodet_jax.models.norm import BatchNorm2d, GroupNorm
 
 TOL = 1e-5  # relative to the largest output magnitude
 
@@ -71,6 +78,35 @@ MODULES = {
     "InvertedResidual": (lambda r: InvertedResidual(8, 8, 1, 6, rngs=r), 0),
     # The identity branch's BatchNorm follows no convolution: it stays.
     "RepVGGConvModule": (lambda r: RepVGGConvModule(8, 8, rngs=r), 1),
+    # Stems on the RGB image (the fused stem kernel): ShuffleNetV2's conv1, a 7x7 one.
+    "Stem-Sequential": (
+        lambda r: Sequential(
+            [Conv2d(3, 24, 3, 2, 1, bias=False, rngs=r), BatchNorm2d(24), Activation("ReLU")]
+        ),
+        0,
+        3,
+    ),
+    "Stem-ConvModule-7x7": (
+        lambda r: ConvModule(
+            3, 16, 7, 2, 3, norm_cfg={"type": "BN"}, activation="LeakyReLU", rngs=r
+        ),
+        0,
+        3,
+    ),  # fmt: skip
+}
+# Convolutions whose bias (and, where the module allows, activation) the fused inference
+# kernels apply: depthwise, stride-1 1x1 and stem convolutions with a folded norm.
+FUSED = {
+    "DepthwiseConvModule": 2,
+    "ShuffleV2Block-s2": 5,
+    "ShuffleV2Block-s1": 3,
+    "GhostBottleneck-s2": 7,
+    "Bottleneck": 3,  # its 3x3 has only 2 input channels here: the stem kernel takes it
+    "MBConvBlock": 3,
+    "InvertedResidual": 3,
+    "RepVGGConvModule": 1,
+    "Stem-Sequential": 1,
+    "Stem-ConvModule-7x7": 1,
 }
 
 
@@ -97,6 +133,31 @@ def test_folded_module_computes_the_same(name):
         assert any(not np.array_equal(before[k], after[k]) for k in before)
     if name == "ConvModule-GN":
         assert count(folded, GroupNorm) == 1
+    # Every folded depthwise / 1x1 convolution applies its bias in the kernel's epilogue
+    # (NanoDet's 1x1 convolutions are all stride 1; ResNet's stride-2 shortcut is not fused).
+    fused = [c for _, c in nnx.iter_modules(folded) if isinstance(c, Conv2d) and c.fuse_epilogue]
+    assert len(fused) == FUSED.get(name, 0) and all(c.bias is None for c in fused), name
+    if name.startswith("Stem"):
+        assert fused[0].activation == ("ReLU" if name == "Stem-Sequential" else "LeakyReLU")
+    if name == "DepthwiseConvModule":  # ... and the activation after each norm
+        assert folded.depthwise.activation == folded.pointwise.activation == "LeakyReLU"
+    if name == "GhostBottleneck-s2":  # cheap_operation: Sequential(dw, BN, ReLU)
+        cheap = folded.ghost1.cheap_operation
+        assert cheap[0].activation == "ReLU" and cheap[2].name is None
+
+
+def test_shufflenet_stem_pools_in_the_fused_kernel():
+    from nanodet_jax.models.backbones.shufflenetv2 import ShuffleNetV2
+
+    net = ShuffleNetV2("0.5x", rngs=nnx.Rngs(0))
+    randomize_norms(net, seed=4)
+    net.eval()
+    folded, _ = fold_batchnorm(net)
+    assert folded.conv1[0].max_pool and not net.conv1[0].max_pool
+    x = np.random.default_rng(5).normal(size=(2, 64, 48, 3)).astype(np.float32)
+    for want, got in zip(net(x), folded(x)):
+        want, got = np.asarray(want), np.asarray(got)
+        assert np.abs(got - want).max() <= TOL * np.abs(want).max()
 
 
 def test_inference_model_jits_the_folded_module():

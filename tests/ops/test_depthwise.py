@@ -92,6 +92,48 @@ def test_matches_lax(request: pytest.FixtureRequest, impl: str, case: tuple[int,
         _assert_close(a, b)
 
 
+EPILOGUE_CASES = [CASES[1], CASES[3], CASES[4], CASES[9]]  # s1/s2, K 3/5/7, tails
+
+
+@pytest.mark.parametrize("act", ["ReLU", "LeakyReLU", "ReLU6", "HardSwish", None])
+def test_bias_act_epilogue(ffi_ok: bool, act: str | None) -> None:
+    # The fused inference forward (bias + activation stored by the C++ kernel) against
+    # lax's convolution followed by the same bias and activation.
+    from nanodet_jax.models.layers import ACTIVATIONS
+    from nanodet_jax.ops import depthwise_conv2d_bias_act
+    from nanodet_jax.ops.depthwise_ffi import fused_depthwise_weights
+
+    fn = ACTIVATIONS[act]
+    for case in EPILOGUE_CASES:
+        x, kern, _ = _data(case)
+        s, p = case[5], case[6]
+        bias = jnp.asarray(np.random.default_rng(5).normal(size=case[3]), jnp.float32)
+        wb = fused_depthwise_weights(kern, bias)
+        want = fn(depthwise_conv2d_lax(x, kern, s, p) + bias)
+        for impl in ("ffi", "lax"):  # the C++ epilogue, and the unfused fallback
+            fused = jax.jit(
+                partial(depthwise_conv2d_bias_act, stride=s, padding=p, activation=act,
+                        activation_fn=fn, impl=impl)
+            )  # fmt: skip
+            hlo = fused.lower(x, wb).as_text()
+            assert ("nanodet_depthwise_fwd_fused" in hlo) == (impl == "ffi")
+            got = fused(x, wb)
+            assert got.shape == want.shape
+            err = float(jnp.max(jnp.abs(got - want)) / jnp.max(jnp.abs(want)))
+            assert err < 1e-5, (case, act, impl, err)
+        # vmapped over a leading axis (the kernel shared: folded into the batch)
+        got_v = jax.vmap(fused, in_axes=(0, None))(jnp.stack([x, -x]), wb)
+        np.testing.assert_allclose(got_v[1], fused(-x, wb), rtol=1e-6, atol=1e-6)
+    # Names the epilogue does not know take the unfused path, with the same result.
+    x, kern, _ = _data(CASES[0])
+    bias = jnp.ones(x.shape[-1])
+    silu = ACTIVATIONS["SiLU"]
+    wb = fused_depthwise_weights(kern, bias)
+    got = depthwise_conv2d_bias_act(x, wb, 1, 1, "SiLU", silu, impl="ffi")
+    want = silu(depthwise_conv2d_lax(x, kern, 1, 1) + bias)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("impl", ["ffi", "xla"])
 def test_eager_and_vmap(request: pytest.FixtureRequest, impl: str) -> None:
     impl = _impls(request, impl)
@@ -215,6 +257,16 @@ def test_sharded_batch(ffi_ok: bool) -> None:
                 assert "all-gather" not in hlo, (impl, s)
                 if impl == "ffi":
                     assert "f32[2,10,10,58]" in hlo and "nanodet_depthwise_weight_grad" in hlo
+        # The fused inference forward (bias + activation in the kernel) runs per shard too.
+        from nanodet_jax.ops import depthwise_conv2d_bias_act
+        from nanodet_jax.ops.depthwise_ffi import fused_depthwise_weights
+        wb = fused_depthwise_weights(k, jnp.asarray(rng.standard_normal(58), jnp.float32))
+        relu = lambda v: jnp.maximum(v, 0)
+        f = lambda x, wb: depthwise_conv2d_bias_act(x, wb, 2, 2, "ReLU", relu, impl="ffi")
+        sharded = jax.jit(f, in_shardings=(data, rep), out_shardings=data)
+        np.testing.assert_allclose(sharded(x, wb), jax.jit(f)(x, wb), rtol=1e-6, atol=1e-6)
+        hlo = sharded.lower(x, wb).compile().as_text()
+        assert "all-gather" not in hlo and "nanodet_depthwise_fwd_fused" in hlo
         print("OK")
     """
     proc = _run_python(code, XLA_FLAGS="--xla_force_host_platform_device_count=2")

@@ -89,6 +89,9 @@ class ShuffleV2Block(nnx.Module):
 class ShuffleNetV2(nnx.Module):
     """Returns the feature maps of ``out_stages`` (a subset of 2, 3, 4), strides 8/16/32."""
 
+    # BatchNorm folding may hand the max pool after conv1 to its fused stem kernel.
+    STEM_MAX_POOL = "conv1"
+
     def __init__(
         self,
         model_size: str = "1.5x",
@@ -133,7 +136,9 @@ class ShuffleNetV2(nnx.Module):
         self.out_channels = [channels[s - 1] for s in self.out_stages]
 
     def __call__(self, x: jax.Array) -> tuple[jax.Array, ...]:
-        x = max_pool_3x3_s2(self.conv1(x))
+        x = self.conv1(x)
+        if not self.conv1[0].max_pool:  # else pooled by the (folded, fused) convolution
+            x = max_pool_3x3_s2(x)
         outputs = []
         for i, stage in ((2, self.stage2), (3, self.stage3), (4, self.stage4)):
             x = stage(x)

@@ -29,6 +29,7 @@
 #include <vector>
 
 #include "common.h"
+#include "epilogue.h"
 
 namespace {
 
@@ -166,7 +167,8 @@ inline void GatherRowTap(const float* const* tp, const float* wrow, const int* v
 template <int NT, int SS, int JB, bool kTail>
 inline void GatherBlock(const float* const* const* tabs, const float* const* wrows,
                         const int* vk, int nr, int64_t C, int64_t c0, int tail, int64_t base,
-                        const float* zeros, float* out, int64_t out_step) {
+                        const float* zeros, const Epilogue& epi, float* out,
+                        int64_t out_step) {
   constexpr int kCols = SS * (JB - 1) + NT;
   Vec acc[JB] = {};
   for (int r = 0; r < nr; ++r) {
@@ -179,7 +181,9 @@ inline void GatherBlock(const float* const* const* tabs, const float* const* wro
     }
   }
 #pragma GCC unroll 16
-  for (int m = 0; m < JB; ++m) St<kTail>(out + m * out_step + c0, acc[m], tail);
+  for (int m = 0; m < JB; ++m) {
+    St<kTail>(out + m * out_step + c0, ApplyEpilogue<kTail>(epi, acc[m], c0, tail), tail);
+  }
 }
 
 // Channels innermost: a block's source strip (all channels of kCols columns per row tap)
@@ -188,19 +192,20 @@ inline void GatherBlock(const float* const* const* tabs, const float* const* wro
 // slower.
 template <int NT, int SS, int JB>
 inline void GatherBlocks(const float* const* const* tabs, const float* const* wrows,
-                         const ColClass& cl, int nr, int64_t C, const float* zeros, float* out,
-                         int64_t& a) {
+                         const ColClass& cl, int nr, int64_t C, const float* zeros,
+                         const Epilogue& epi, float* out, int64_t& a) {
   const int64_t step = cl.out_step * C;
   for (; a + JB <= cl.count; a += JB) {
     const int64_t base = cl.base + a * SS;
     float* o = out + a * step;
     int64_t c0 = 0;
     for (; c0 + kLanes <= C; c0 += kLanes) {
-      GatherBlock<NT, SS, JB, false>(tabs, wrows, cl.vk, nr, C, c0, 0, base, zeros, o, step);
+      GatherBlock<NT, SS, JB, false>(tabs, wrows, cl.vk, nr, C, c0, 0, base, zeros, epi, o,
+                                     step);
     }
     if (c0 < C) {
-      GatherBlock<NT, SS, JB, true>(tabs, wrows, cl.vk, nr, C, c0, int(C - c0), base, zeros, o,
-                                    step);
+      GatherBlock<NT, SS, JB, true>(tabs, wrows, cl.vk, nr, C, c0, int(C - c0), base, zeros,
+                                    epi, o, step);
     }
   }
 }
@@ -208,12 +213,12 @@ inline void GatherBlocks(const float* const* const* tabs, const float* const* wr
 // Blocks of 8 pixels (16 measured no faster for 3x3), then narrower ones for the rest.
 template <int NT, int SS>
 void GatherClass(const float* const* const* tabs, const float* const* wrows, const ColClass& cl,
-                 int nr, int64_t C, const float* zeros, float* orow) {
+                 int nr, int64_t C, const float* zeros, const Epilogue& epi, float* orow) {
   float* out = orow + cl.q0 * C;
   int64_t a = 0;
-  GatherBlocks<NT, SS, 8>(tabs, wrows, cl, nr, C, zeros, out, a);
-  GatherBlocks<NT, SS, 4>(tabs, wrows, cl, nr, C, zeros, out, a);
-  GatherBlocks<NT, SS, 1>(tabs, wrows, cl, nr, C, zeros, out, a);
+  GatherBlocks<NT, SS, 8>(tabs, wrows, cl, nr, C, zeros, epi, out, a);
+  GatherBlocks<NT, SS, 4>(tabs, wrows, cl, nr, C, zeros, epi, out, a);
+  GatherBlocks<NT, SS, 1>(tabs, wrows, cl, nr, C, zeros, epi, out, a);
 }
 
 // Tap counts / strides without a specialisation (only K in {1, 3, 5} and S <= 2 are
@@ -221,7 +226,7 @@ void GatherClass(const float* const* const* tabs, const float* const* wrows, con
 template <bool kTail>
 void GatherPixelGeneric(const float* const* const* tabs, const float* const* wrows,
                         const ColClass& cl, int nr, int64_t C, int64_t c0, int tail, int64_t a,
-                        float* orow) {
+                        const Epilogue& epi, float* orow) {
   Vec acc = {};
   for (int r = 0; r < nr; ++r) {
     const float* const* tp = tabs[r] + cl.base + a * cl.ss;
@@ -229,22 +234,26 @@ void GatherPixelGeneric(const float* const* const* tabs, const float* const* wro
       acc += Ld<kTail>(tp[t] + c0, tail) * Ld<kTail>(wrows[r] + cl.vk[t] * C + c0, tail);
     }
   }
-  St<kTail>(orow + (cl.q0 + a * cl.out_step) * C + c0, acc, tail);
+  St<kTail>(orow + (cl.q0 + a * cl.out_step) * C + c0, ApplyEpilogue<kTail>(epi, acc, c0, tail),
+            tail);
 }
 
 void GatherClassGeneric(const float* const* const* tabs, const float* const* wrows,
-                        const ColClass& cl, int nr, int64_t C, const float*, float* orow) {
+                        const ColClass& cl, int nr, int64_t C, const float*,
+                        const Epilogue& epi, float* orow) {
   for (int64_t a = 0; a < cl.count; ++a) {
     int64_t c0 = 0;
     for (; c0 + kLanes <= C; c0 += kLanes) {
-      GatherPixelGeneric<false>(tabs, wrows, cl, nr, C, c0, 0, a, orow);
+      GatherPixelGeneric<false>(tabs, wrows, cl, nr, C, c0, 0, a, epi, orow);
     }
-    if (c0 < C) GatherPixelGeneric<true>(tabs, wrows, cl, nr, C, c0, int(C - c0), a, orow);
+    if (c0 < C) {
+      GatherPixelGeneric<true>(tabs, wrows, cl, nr, C, c0, int(C - c0), a, epi, orow);
+    }
   }
 }
 
 using GatherFn = void (*)(const float* const* const*, const float* const*, const ColClass&, int,
-                          int64_t, const float*, float*);
+                          int64_t, const float*, const Epilogue&, float*);
 
 GatherFn GatherDispatch(int nt, int64_t ss) {
 #define NANODET_DW_CASE(N) \
@@ -267,7 +276,7 @@ GatherFn GatherDispatch(int nt, int64_t ss) {
 // (Hs, Ws) is the source spatial size; out is [N, Ho, Wo, C].
 void Gather(ffi::ThreadPool* pool, const float* src, const float* w, float* out, int64_t N,
             int64_t Hs, int64_t Ws, int64_t Ho, int64_t Wo, int64_t C, int64_t K,
-            const RowTaps& rows_of, const ColPlan& plan) {
+            const RowTaps& rows_of, const ColPlan& plan, const Epilogue& epi = Epilogue()) {
   std::vector<GatherFn> fns;
   for (const ColClass& cl : plan.classes) fns.push_back(GatherDispatch(cl.nt, cl.ss));
   const std::vector<float> zeros(C + kLanes, 0.0f);
@@ -291,10 +300,18 @@ void Gather(ffi::ThreadPool* pool, const float* src, const float* w, float* out,
       float* orow = out + br * Wo * C;
       if (nr == 0) {  // e.g. input rows that no output row reads: zero gradient
         std::fill(orow, orow + Wo * C, 0.0f);
+        if (epi.bias != nullptr) {  // a forward row of padding only: act(bias)
+          for (int64_t j = 0; j < Wo; ++j) {
+            for (int64_t c0 = 0; c0 < C; c0 += kLanes) {
+              const int n = static_cast<int>(std::min<int64_t>(kLanes, C - c0));
+              StoreN(orow + j * C + c0, ApplyEpilogue<true>(epi, Vec{}, c0, n), n);
+            }
+          }
+        }
         continue;
       }
       for (size_t k = 0; k < plan.classes.size(); ++k) {
-        fns[k](tabs, wrows, plan.classes[k], nr, C, zeros.data(), orow);
+        fns[k](tabs, wrows, plan.classes[k], nr, C, zeros.data(), epi, orow);
       }
     }
   });
@@ -460,6 +477,36 @@ ffi::Error ForwardImpl(ffi::ThreadPool pool, ffi::BufferR4<ffi::F32> x,
   return ffi::Error::Success();
 }
 
+// Forward with the epilogue: `wb` is [K*K + 1, 1, 1, C], the kernel's K*K rows followed by
+// the bias (one operand, so that the sharding and batching wrappers of the plain forward
+// apply unchanged).
+ffi::Error ForwardFusedImpl(ffi::ThreadPool pool, ffi::BufferR4<ffi::F32> x,
+                            ffi::BufferR4<ffi::F32> wb, ffi::ResultBufferR4<ffi::F32> y,
+                            int64_t S, int64_t P, int64_t act, float slope) {
+  const auto xd = x.dimensions(), yd = y->dimensions(), wd = wb.dimensions();
+  const int64_t N = xd[0], H = xd[1], W = xd[2], C = xd[3];
+  int64_t K = 1;
+  while ((K + 1) * (K + 1) + 1 <= wd[0]) ++K;
+  if (K * K + 1 != wd[0] || wd[1] != 1 || wd[2] != 1 || wd[3] != C) {
+    return ffi::Error::InvalidArgument("depthwise fused: weights must be [K*K + 1, 1, 1, C]");
+  }
+  if (!ValidActivation(act)) {
+    return ffi::Error::InvalidArgument("depthwise fused: unknown activation code");
+  }
+  const int64_t kernel_dims[4] = {K, K, 1, C};
+  if (auto e = Check(H, W, yd[1], yd[2], ffi::Span<const int64_t>(kernel_dims, 4), C, S, P);
+      e.failure()) {
+    return e;
+  }
+  Epilogue epi;
+  epi.bias = wb.typed_data() + K * K * C;
+  epi.act = act;
+  epi.slope = slope;
+  Gather(&pool, x.typed_data(), wb.typed_data(), y->typed_data(), N, H, W, yd[1], yd[2], C, K,
+         RowTaps(yd[1], H, K, S, P, false), ForwardColumns(W, yd[2], K, S, P), epi);
+  return ffi::Error::Success();
+}
+
 ffi::Error InputGradImpl(ffi::ThreadPool pool, ffi::BufferR4<ffi::F32> g,
                          ffi::BufferR4<ffi::F32> w, ffi::ResultBufferR4<ffi::F32> dx,
                          int64_t S, int64_t P) {
@@ -498,3 +545,13 @@ ffi::Error WeightGradImpl(ffi::ThreadPool pool, ffi::BufferR4<ffi::F32> x,
 XLA_FFI_DEFINE_HANDLER_SYMBOL(NanodetDepthwiseFwd, ForwardImpl, NANODET_DW_BINDING);
 XLA_FFI_DEFINE_HANDLER_SYMBOL(NanodetDepthwiseInputGrad, InputGradImpl, NANODET_DW_BINDING);
 XLA_FFI_DEFINE_HANDLER_SYMBOL(NanodetDepthwiseWeightGrad, WeightGradImpl, NANODET_DW_BINDING);
+XLA_FFI_DEFINE_HANDLER_SYMBOL(NanodetDepthwiseFwdFused, ForwardFusedImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::BufferR4<ffi::F32>>()
+                                  .Arg<ffi::BufferR4<ffi::F32>>()
+                                  .Ret<ffi::BufferR4<ffi::F32>>()
+                                  .Attr<int64_t>("stride")
+                                  .Attr<int64_t>("padding")
+                                  .Attr<int64_t>("activation")
+                                  .Attr<float>("slope"));

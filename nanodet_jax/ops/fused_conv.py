@@ -1,0 +1,187 @@
+"""Dense convolutions with bias and activation fused, for inference (NHWC input).
+
+BatchNorm folding (``models/batchnorm_folding.py``) gives these convolutions a bias and
+moves the activation after the norm into them; the ops here run the three as one:
+
+* :func:`pointwise_conv_bias_act`: 1x1, stride 1 (``csrc/pointwise.cc``, a GEMM whose
+  register tiles store through the epilogue);
+* :func:`stem_conv_bias_act`: a backbone's first convolution, on the RGB image (few input
+  channels; ``csrc/stem.cc``). XLA:CPU's convolution runs it at ~13 GFLOP/s, the C++
+  kernel 3-6x faster (docs/benchmarks.md); ShuffleNetV2's max pool after it can run in
+  the same kernel.
+
+Both take the weights as one [1, 1, R*R*C + 1, K] array, the HWIO kernel's rows followed
+by the bias (:func:`fused_dense_weights`). Implementations, picked per call by ``impl``
+or the ``NANODET_JAX_FUSED_CONV`` environment variable (read at trace time):
+
+* ``auto`` (default): on CPU the C++ kernels if they can be built, else ``lax``; on
+  GPU/TPU ``lax``.
+* ``ffi``: the C++ kernels on CPU (raises if they cannot be built), ``lax`` elsewhere.
+* ``lax``: XLA's convolution, bias and activation.
+
+The C++ path has no gradient: the fused weights exist only in folded inference copies.
+An activation the epilogue does not know (``EPILOGUE_ACTIVATIONS``) is applied by XLA
+after the kernel.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from nanodet_jax.ops import ffi_build
+from nanodet_jax.ops.depthwise_xla import RawOp, batch_parallel, batchable, out_size
+from nanodet_jax.ops.epilogue import EPILOGUE_ACTIVATIONS, LEAKY_RELU_SLOPE
+
+ENV_VAR = "NANODET_JAX_FUSED_CONV"
+IMPLS = ("auto", "ffi", "lax")
+Activation = Callable[[jax.Array], jax.Array]
+
+
+def fused_dense_weights(kernel: jax.Array, bias: jax.Array) -> jax.Array:
+    """[R, R, C, K] kernel and [K] bias as the fused ops' [1, 1, R*R*C + 1, K] operand."""
+    k = kernel.shape[-1]
+    return jnp.concatenate([kernel.reshape(1, 1, -1, k), bias.reshape(1, 1, 1, k)], axis=2)
+
+
+def _split(wb: jax.Array, c: int, r: int) -> tuple[jax.Array, jax.Array]:
+    rows = wb[0, 0]
+    if rows.shape[0] != r * r * c + 1:
+        raise ValueError(f"fused weights for a {r}x{r} kernel on {c} input channels must be "
+                         f"[1, 1, {r * r * c + 1}, K], got {wb.shape}")  # fmt: skip
+    return rows[:-1].reshape(r, r, c, -1), rows[-1]
+
+
+def _raw(target: str, activation: int, max_pool: bool) -> RawOp:
+    def call(
+        a: jax.Array, b: jax.Array, out_shape: tuple[int, ...], stride: int, padding: int
+    ) -> jax.Array:
+        ffi = jax.ffi.ffi_call(
+            target, jax.ShapeDtypeStruct(out_shape, jnp.float32), vmap_method="sequential"
+        )
+        attrs = {"activation": np.int64(activation), "slope": np.float32(LEAKY_RELU_SLOPE)}
+        if target == _STEM:
+            attrs.update(stride=np.int64(stride), padding=np.int64(padding),
+                         max_pool=np.int64(max_pool))  # fmt: skip
+        return ffi(a, b, **attrs)
+
+    return call
+
+
+_POINTWISE, _STEM = "nanodet_pointwise_bias_act", "nanodet_stem_conv_bias_act"
+# One op per (kernel, activation code, pooling): static attributes of the call.
+_ops = {
+    (target, code, pool): batch_parallel(_raw(target, code, pool), reduce_batch=False, dense=True)
+    for target, pool in ((_POINTWISE, False), (_STEM, False), (_STEM, True))
+    for code in sorted(set(EPILOGUE_ACTIVATIONS.values()))
+}
+
+
+def max_pool_3x3_s2_lax(x: jax.Array) -> jax.Array:
+    """``nn.MaxPool2d(3, 2, padding=1)`` on NHWC (padding never wins)."""
+    pad = ((0, 0), (1, 1), (1, 1), (0, 0))
+    return lax.reduce_window(x, -jnp.inf, lax.max, (1, 3, 3, 1), (1, 2, 2, 1), pad)
+
+
+def _use_ffi(impl: str | None, x: jax.Array) -> bool:
+    choice = impl or os.environ.get(ENV_VAR, "auto") or "auto"
+    if choice not in IMPLS:
+        raise ValueError(f"fused conv implementation must be one of {IMPLS}, got {choice!r}")
+    if choice == "ffi" and not ffi_build.load():
+        raise RuntimeError(f"{ENV_VAR}=ffi but the C++ kernels could not be built")
+    use = choice == "ffi" or (
+        choice == "auto" and jax.default_backend() == "cpu" and ffi_build.load()
+    )
+    return use and x.dtype != jnp.float64
+
+
+def _fused(
+    target: str,
+    x: jax.Array,
+    wb: jax.Array,
+    r: int,
+    stride: int,
+    padding: int,
+    activation: str | None,
+    activation_fn: Activation,
+    impl: str | None,
+    max_pool: bool = False,
+) -> jax.Array:
+    def unfused(x: jax.Array, wb: jax.Array) -> jax.Array:
+        kernel, bias = _split(wb, x.shape[-1], r)
+        y = lax.conv_general_dilated(
+            x,
+            kernel.astype(x.dtype),
+            window_strides=(stride, stride),
+            padding=((padding, padding), (padding, padding)),
+            dimension_numbers=("NHWC", "HWIO", "NHWC"),
+        )
+        y = activation_fn(y + bias.astype(y.dtype))
+        return max_pool_3x3_s2_lax(y) if max_pool else y
+
+    _split(wb, x.shape[-1], r)  # a clear error for a wrong layout, before any kernel
+    if not _use_ffi(impl, x):
+        return unfused(x, wb)
+    fused_act = activation if activation in EPILOGUE_ACTIVATIONS else None
+    # An activation the epilogue lacks must come before the pool: pool in XLA then.
+    fused_pool = max_pool and fused_act == activation
+
+    def cpu(x: jax.Array, wb: jax.Array) -> jax.Array:
+        n, h, w, _ = x.shape
+        hw = [out_size(d, r, stride, padding) for d in (h, w)]
+        if fused_pool:
+            hw = [out_size(d, 3, 2, 1) for d in hw]
+        shape = (n, *hw, wb.shape[3])
+        op = _ops[target, EPILOGUE_ACTIVATIONS[fused_act], fused_pool]
+        y = batchable(op, shape, stride, padding, fold=True)(
+            x.astype(jnp.float32), wb.astype(jnp.float32)
+        ).astype(x.dtype)
+        y = y if fused_act == activation else activation_fn(y)
+        return max_pool_3x3_s2_lax(y) if max_pool and not fused_pool else y
+
+    return lax.platform_dependent(x, wb, cpu=cpu, default=unfused)
+
+
+def pointwise_conv_bias_act(
+    x: jax.Array,
+    wb: jax.Array,
+    activation: str | None,
+    activation_fn: Activation,
+    *,
+    impl: str | None = None,
+) -> jax.Array:
+    """``activation_fn(conv1x1(x, kernel) + bias)``; ``activation`` is NanoDet's name of
+    ``activation_fn``. On CPU: 1.2-2.6x XLA's dot plus its epilogue pass on
+    NanoDet-Plus-m's shapes."""
+    return _fused(_POINTWISE, x, wb, 1, 1, 0, activation, activation_fn, impl)
+
+
+def stem_conv_bias_act(
+    x: jax.Array,
+    wb: jax.Array,
+    kernel_size: int,
+    stride: int,
+    padding: int,
+    activation: str | None,
+    activation_fn: Activation,
+    *,
+    max_pool: bool = False,
+    impl: str | None = None,
+) -> jax.Array:
+    """``activation_fn(conv(x, kernel) + bias)`` for few input channels (``x``'s last axis,
+    at most ``STEM_MAX_CHANNELS``) and kernels up to 7x7; ``max_pool``: followed by
+    ``nn.MaxPool2d(3, 2, padding=1)`` (ShuffleNetV2's stem), in the same kernel on CPU."""
+    if x.shape[-1] > STEM_MAX_CHANNELS or kernel_size > 7:
+        raise ValueError(f"the stem kernel takes <= {STEM_MAX_CHANNELS} input channels and "
+                         f"kernels <= 7x7, got {x.shape[-1]} and {kernel_size}")  # fmt: skip
+    return _fused(
+        _STEM, x, wb, kernel_size, stride, padding, activation, activation_fn, impl, max_pool
+    )
+
+
+STEM_MAX_CHANNELS = 4
