@@ -148,7 +148,22 @@ def _fold_tree(module: Any) -> int:
     for child in _children(module):
         count += _fold_tree(child)
     _fuse_stem_max_pool(module)  # after the children: conv1 is folded by then
+    _read_split_in_place(module)
     return count
+
+
+def _read_split_in_place(module: Any) -> None:
+    """A stride-1 module declaring ``SPLIT_INPUT_BRANCH = "name"`` feeds the Sequential
+    ``name`` the second half of its input's channels, unless the Sequential's first
+    convolution has ``input_channel_offset`` set to that half: set it once that
+    convolution is a fused 1x1, which then reads the channels in place (no slice)."""
+    name = getattr(type(module), "SPLIT_INPUT_BRANCH", None)
+    seq = getattr(module, name, None) if name else None
+    if getattr(module, "stride", 1) != 1 or not isinstance(seq, Sequential) or not len(seq):
+        return
+    conv = seq[0]
+    if isinstance(conv, Conv2d) and conv.fuse_epilogue and conv.kernel_size == 1:
+        conv.input_channel_offset = conv.weight.shape[2] - 1  # its C: the first half's size
 
 
 def _fuse_stem_max_pool(module: Any) -> None:

@@ -172,6 +172,7 @@ class Conv2d(nnx.Module):
         self.fuse_epilogue = False
         self.activation: str | None = None
         self.max_pool = False  # a stem's 3x3 / 2 max pool, also moved here (ShuffleNetV2)
+        self.input_channel_offset = 0  # a fused 1x1 reading channels offset.. of its input
 
     @property
     def fusable_epilogue(self) -> bool:
@@ -192,7 +193,9 @@ class Conv2d(nnx.Module):
                     x, wb, self.stride, self.padding, self.activation, act
                 )
             if self.kernel_size == 1 and self.stride == 1 and self.padding == 0:
-                return pointwise_conv_bias_act(x, wb, self.activation, act)
+                return pointwise_conv_bias_act(
+                    x, wb, self.activation, act, channel_offset=self.input_channel_offset
+                )
             return stem_conv_bias_act(
                 x, wb, self.kernel_size, self.stride, self.padding, self.activation, act,
                 max_pool=self.max_pool,

@@ -26,6 +26,7 @@ after the kernel.
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Callable
 
@@ -57,7 +58,13 @@ def _split(wb: jax.Array, c: int, r: int) -> tuple[jax.Array, jax.Array]:
     return rows[:-1].reshape(r, r, c, -1), rows[-1]
 
 
-def _raw(target: str, activation: int, max_pool: bool) -> RawOp:
+_POINTWISE, _STEM = "nanodet_pointwise_bias_act", "nanodet_stem_conv_bias_act"
+
+
+@functools.cache
+def _op(target: str, activation: int, max_pool: bool, channel_offset: int) -> RawOp:
+    """The sharding-aware call of ``target`` with these static attributes."""
+
     def call(
         a: jax.Array, b: jax.Array, out_shape: tuple[int, ...], stride: int, padding: int
     ) -> jax.Array:
@@ -68,18 +75,11 @@ def _raw(target: str, activation: int, max_pool: bool) -> RawOp:
         if target == _STEM:
             attrs.update(stride=np.int64(stride), padding=np.int64(padding),
                          max_pool=np.int64(max_pool))  # fmt: skip
+        else:
+            attrs["channel_offset"] = np.int64(channel_offset)
         return ffi(a, b, **attrs)
 
-    return call
-
-
-_POINTWISE, _STEM = "nanodet_pointwise_bias_act", "nanodet_stem_conv_bias_act"
-# One op per (kernel, activation code, pooling): static attributes of the call.
-_ops = {
-    (target, code, pool): batch_parallel(_raw(target, code, pool), reduce_batch=False, dense=True)
-    for target, pool in ((_POINTWISE, False), (_STEM, False), (_STEM, True))
-    for code in sorted(set(EPILOGUE_ACTIVATIONS.values()))
-}
+    return batch_parallel(call, reduce_batch=False, dense=True)
 
 
 def max_pool_3x3_s2_lax(x: jax.Array) -> jax.Array:
@@ -111,9 +111,16 @@ def _fused(
     activation_fn: Activation,
     impl: str | None,
     max_pool: bool = False,
+    channel_offset: int = 0,
 ) -> jax.Array:
+    c = wb.shape[2] - 1 if target == _POINTWISE else x.shape[-1]
+    if channel_offset < 0 or channel_offset + c > x.shape[-1]:
+        raise ValueError(f"channels {channel_offset}..{channel_offset + c} of an input with "
+                         f"{x.shape[-1]}")  # fmt: skip
+
     def unfused(x: jax.Array, wb: jax.Array) -> jax.Array:
-        kernel, bias = _split(wb, x.shape[-1], r)
+        x = x[..., channel_offset : channel_offset + c]
+        kernel, bias = _split(wb, c, r)
         y = lax.conv_general_dilated(
             x,
             kernel.astype(x.dtype),
@@ -124,7 +131,7 @@ def _fused(
         y = activation_fn(y + bias.astype(y.dtype))
         return max_pool_3x3_s2_lax(y) if max_pool else y
 
-    _split(wb, x.shape[-1], r)  # a clear error for a wrong layout, before any kernel
+    _split(wb, c, r)  # a clear error for a wrong layout, before any kernel
     if not _use_ffi(impl, x):
         return unfused(x, wb)
     fused_act = activation if activation in EPILOGUE_ACTIVATIONS else None
@@ -137,7 +144,7 @@ def _fused(
         if fused_pool:
             hw = [out_size(d, 3, 2, 1) for d in hw]
         shape = (n, *hw, wb.shape[3])
-        op = _ops[target, EPILOGUE_ACTIVATIONS[fused_act], fused_pool]
+        op = _op(target, EPILOGUE_ACTIVATIONS[fused_act], fused_pool, channel_offset)
         y = batchable(op, shape, stride, padding, fold=True)(
             x.astype(jnp.float32), wb.astype(jnp.float32)
         ).astype(x.dtype)
@@ -153,12 +160,15 @@ def pointwise_conv_bias_act(
     activation: str | None,
     activation_fn: Activation,
     *,
+    channel_offset: int = 0,
     impl: str | None = None,
 ) -> jax.Array:
-    """``activation_fn(conv1x1(x, kernel) + bias)``; ``activation`` is NanoDet's name of
-    ``activation_fn``. On CPU: 1.2-2.6x XLA's dot plus its epilogue pass on
-    NanoDet-Plus-m's shapes."""
-    return _fused(_POINTWISE, x, wb, 1, 1, 0, activation, activation_fn, impl)
+    """``activation_fn(conv1x1(x[..., channel_offset:][..., :C], kernel) + bias)``;
+    ``activation`` is NanoDet's name of ``activation_fn``. The C++ kernel reads the
+    channel range in place (a ShuffleNetV2 branch's half of its block's input)."""
+    return _fused(
+        _POINTWISE, x, wb, 1, 1, 0, activation, activation_fn, impl, False, channel_offset
+    )
 
 
 def stem_conv_bias_act(

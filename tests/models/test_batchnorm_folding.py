@@ -141,6 +141,8 @@ def test_folded_module_computes_the_same(name):
         assert fused[0].activation == ("ReLU" if name == "Stem-Sequential" else "LeakyReLU")
     if name == "DepthwiseConvModule":  # ... and the activation after each norm
         assert folded.depthwise.activation == folded.pointwise.activation == "LeakyReLU"
+    if name == "ShuffleV2Block-s1":  # branch2's first 1x1 reads its half in place
+        assert folded.branch2[0].input_channel_offset == 8
     if name == "GhostBottleneck-s2":  # cheap_operation: Sequential(dw, BN, ReLU)
         cheap = folded.ghost1.cheap_operation
         assert cheap[0].activation == "ReLU" and cheap[2].name is None

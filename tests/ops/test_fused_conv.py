@@ -61,6 +61,20 @@ def test_pointwise(ffi_ok: bool, act: str | None) -> None:
     np.testing.assert_allclose(got[1], f(2 * x, wb), rtol=1e-6, atol=1e-6)
 
 
+def test_pointwise_reads_a_channel_range_in_place(ffi_ok: bool) -> None:
+    # A ShuffleNetV2 branch's 1x1 on the second half of its block's input, not sliced out.
+    x, kernel, bias = _data(2, 5, 7, 40, 1, 20)
+    wb = fused_dense_weights(kernel[:, :, 24:], bias)
+    relu = ACTIVATIONS["ReLU"]
+    want = _reference(x[..., 24:], kernel[:, :, 24:], bias, 1, 0, relu)
+    for impl in ("ffi", "lax"):
+        f = jax.jit(partial(pointwise_conv_bias_act, activation="ReLU", activation_fn=relu,
+                            channel_offset=24, impl=impl))  # fmt: skip
+        np.testing.assert_allclose(f(x, wb), want, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="channels 30..46"):
+        pointwise_conv_bias_act(x, wb, "ReLU", relu, channel_offset=30)
+
+
 # (N, H, W, C, R, K, stride, padding): NanoDet's 3x3/2 stem, ResNet's 7x7/2, odd sizes, a
 # 4-channel input, padding 0.
 STEMS = [

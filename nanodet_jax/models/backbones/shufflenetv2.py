@@ -39,6 +39,10 @@ def _bn(channels: int) -> BatchNorm2d:
 
 
 class ShuffleV2Block(nnx.Module):
+    # Stride 1: branch2 takes the second half of the input's channels; once folded, its
+    # first (fused 1x1) convolution may read them in place (``input_channel_offset``).
+    SPLIT_INPUT_BRANCH = "branch2"
+
     def __init__(self, inp: int, oup: int, stride: int, activation: str, *, rngs: nnx.Rngs):
         if not 1 <= stride <= 3:
             raise ValueError(f"illegal stride {stride}")
@@ -80,7 +84,8 @@ class ShuffleV2Block(nnx.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         if self.stride == 1:
             half = x.shape[-1] // 2
-            out = jnp.concatenate([x[..., :half], self.branch2(x[..., half:])], axis=-1)
+            x2 = x if self.branch2[0].input_channel_offset == half else x[..., half:]
+            out = jnp.concatenate([x[..., :half], self.branch2(x2)], axis=-1)
         else:
             out = jnp.concatenate([self.branch1(x), self.branch2(x)], axis=-1)
         return channel_shuffle(out, 2)
