@@ -37,6 +37,7 @@ TARGETS = {
     "nanodet_depthwise_input_grad": "NanodetDepthwiseInputGrad",
     "nanodet_depthwise_weight_grad": "NanodetDepthwiseWeightGrad",
     "nanodet_winograd_conv3x3": "NanodetWinogradConv3x3",
+    "nanodet_winograd_conv3x3_weight_grad": "NanodetWinogradConv3x3WeightGrad",
 }
 
 _lock = threading.Lock()
