@@ -16,6 +16,7 @@
 // summed and transformed by G^T . G into dW [3, 3, C, K].
 #include <algorithm>
 #include <cstdint>
+#include <mutex>
 #include <vector>
 
 #include "common.h"
@@ -28,15 +29,16 @@ using namespace nanodet_winograd;  // NOLINT: kNR, kMR, Geometry, InputTransform
 
 constexpr int64_t kWTB = 64;  // tiles per block (the GEMMs' reduction length per pass)
 
-// acc[MR x kNR] += v[nt x MR]^T z[nt x kNR]: v rows at stride ldv, z rows contiguous,
-// acc rows contiguous.
-template <int MR>
+// acc[MR x kNR] (+)= v[nt x MR]^T z[nt x kNR]: v rows at stride ldv, z rows contiguous,
+// acc rows contiguous. kFirst: overwrite (a worker's first block), so that the
+// accumulators need no zeroing.
+template <int MR, bool kFirst>
 inline void AccKernel(const float* v, int64_t ldv, const float* z, int64_t nt, float* acc) {
   Vec a0[MR], a1[MR];
 #pragma GCC unroll 16
   for (int r = 0; r < MR; ++r) {
-    a0[r] = Load(acc + r * kNR);
-    a1[r] = Load(acc + r * kNR + kLanes);
+    a0[r] = kFirst ? Vec{} : Load(acc + r * kNR);
+    a1[r] = kFirst ? Vec{} : Load(acc + r * kNR + kLanes);
   }
   for (int64_t t = 0; t < nt; ++t) {
     const Vec b0 = Load(z + t * kNR), b1 = Load(z + t * kNR + kLanes);
@@ -56,13 +58,41 @@ inline void AccKernel(const float* v, int64_t ldv, const float* z, int64_t nt, f
 
 // Cp is a multiple of kLanes; rows past the last full kMR group are done by smaller
 // register tiles (multiples of 4 rows cover every remainder).
+template <bool kFirst>
 inline void AccRows(const float* v, int64_t ldv, const float* z, int64_t nt, float* acc,
                     int64_t rows) {
   int64_t r = 0;
-  for (; r + kMR <= rows; r += kMR) AccKernel<kMR>(v + r, ldv, z, nt, acc + r * kNR);
-  for (; r + 4 <= rows; r += 4) AccKernel<4>(v + r, ldv, z, nt, acc + r * kNR);
-  for (; r < rows; ++r) AccKernel<1>(v + r, ldv, z, nt, acc + r * kNR);
+  for (; r + kMR <= rows; r += kMR) AccKernel<kMR, kFirst>(v + r, ldv, z, nt, acc + r * kNR);
+  for (; r + 4 <= rows; r += 4) AccKernel<4, kFirst>(v + r, ldv, z, nt, acc + r * kNR);
+  for (; r < rows; ++r) AccKernel<1, kFirst>(v + r, ldv, z, nt, acc + r * kNR);
 }
+
+// Accumulator buffers kept between calls: fresh multi-megabyte allocations cost a page
+// fault per 4 KiB, which is most of the time at the small pyramid levels. Concurrent
+// calls each take their own buffer.
+class BufferPool {
+ public:
+  std::vector<float> Take(size_t size) {
+    std::vector<float> buf;
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      if (!free_.empty()) {
+        buf = std::move(free_.back());
+        free_.pop_back();
+      }
+    }
+    if (buf.size() < size) buf.resize(size);
+    return buf;
+  }
+  void Give(std::vector<float> buf) {
+    std::lock_guard<std::mutex> lock(mu_);
+    free_.push_back(std::move(buf));
+  }
+
+ private:
+  std::mutex mu_;
+  std::vector<std::vector<float>> free_;
+};
 
 // Z[ab][panel][tt][:] = A gy A^T for the tiles t0 .. t0 + tb - 1 (zeros past the last tile
 // and in the padding channels K .. Kp).
@@ -114,8 +144,8 @@ void GradTransform(const Geometry& g, const float* gy, int64_t t0, int64_t tb, f
 
 // dw[u][v][c][:] = (G^T m G)[u][v] for the accumulator rows c0 .. c1 - 1, summed over
 // the workers' accumulators; G^T = [1 .5 .5 0; 0 .5 -.5 0; 0 .5 .5 1].
-void WeightTransform(const Geometry& g, const float* acc, int nacc, int64_t acc_size,
-                     int64_t c0, int64_t c1, float* dw) {
+void WeightTransform(const Geometry& g, const float* const* accs, int nacc, int64_t c0,
+                     int64_t c1, float* dw) {
   const int64_t npanels = g.Kp / kNR;
   const Vec half = Vec{} + 0.5f;
   for (int64_t c = c0; c < c1; ++c) {
@@ -123,9 +153,9 @@ void WeightTransform(const Geometry& g, const float* acc, int nacc, int64_t acc_
       const int nk = static_cast<int>(std::min<int64_t>(kLanes, g.K - k));
       Vec m[4][4];
       for (int ab = 0; ab < 16; ++ab) {
-        const float* p = acc + ((ab * npanels + k / kNR) * g.Cp + c) * kNR + k % kNR;
-        Vec s = Load(p);
-        for (int w = 1; w < nacc; ++w) s += Load(p + w * acc_size);
+        const int64_t at = ((ab * npanels + k / kNR) * g.Cp + c) * kNR + k % kNR;
+        Vec s = Load(accs[0] + at);
+        for (int w = 1; w < nacc; ++w) s += Load(accs[w] + at);
         m[ab / 4][ab % 4] = s;
       }
       Vec e[3][4];  // G^T m
@@ -150,13 +180,21 @@ void WeightTransform(const Geometry& g, const float* acc, int nacc, int64_t acc_
 void WeightGrad(ffi::ThreadPool* pool, const Geometry& g, const float* x, const float* gy,
                 float* dw) {
   const int64_t npanels = g.Kp / kNR;
-  const int64_t tb = std::min(kWTB, g.T);
-  const int64_t nblocks = (g.T + tb - 1) / tb;
   const int workers = NumWorkers(pool);
+  // Blocks of up to kWTB tiles, as many as a multiple of the workers when there are few
+  // (small images), so that no worker waits on another's extra block.
+  int64_t nblocks = (g.T + kWTB - 1) / kWTB;
+  if (nblocks < 8 * workers) {
+    nblocks = std::min(g.T, (nblocks + workers - 1) / workers * workers);
+  }
+  const int64_t tb = (g.T + nblocks - 1) / nblocks;
+  nblocks = (g.T + tb - 1) / tb;
   // ParallelFor hands out worker ids 0 .. min(workers, chunks) - 1; one accumulator each.
   const int nacc = static_cast<int>(std::min<int64_t>(workers, nblocks));
   const int64_t acc_size = 16 * g.Cp * g.Kp;
-  std::vector<float> acc(nacc * acc_size, 0.0f);
+  static BufferPool buffers;
+  std::vector<float> acc = buffers.Take(nacc * acc_size);
+  std::vector<char> started(nacc, 0);  // per worker: has it written its accumulator yet
   ParallelFor(pool, nacc, nblocks, [&](int wid, int64_t block) {
     thread_local std::vector<float> vbuf, zbuf;
     vbuf.resize(16 * tb * g.Cp);
@@ -167,19 +205,34 @@ void WeightGrad(ffi::ThreadPool* pool, const Geometry& g, const float* x, const 
     InputTransform(g, x, t0, tb, V);
     GradTransform(g, gy, t0, tb, Z);
     float* M = acc.data() + wid * acc_size;
+    const bool first = !started[wid];
+    started[wid] = 1;
     for (int ab = 0; ab < 16; ++ab) {
       for (int64_t p = 0; p < npanels; ++p) {
-        AccRows(V + ab * tb * g.Cp, g.Cp, Z + (ab * npanels + p) * tb * kNR, tb,
-                M + (ab * npanels + p) * g.Cp * kNR, g.Cp);
+        const float* v = V + ab * tb * g.Cp;
+        const float* z = Z + (ab * npanels + p) * tb * kNR;
+        float* m = M + (ab * npanels + p) * g.Cp * kNR;
+        if (first) {
+          AccRows<true>(v, g.Cp, z, tb, m, g.Cp);
+        } else {
+          AccRows<false>(v, g.Cp, z, tb, m, g.Cp);
+        }
       }
     }
   });
-  // Rows of dW in parallel: each reads all accumulators (16 x nacc x K floats per row).
-  const int64_t chunks = NumChunks(g.C, 16 * nacc * g.K, workers);
+  // A pool task that started after all blocks were taken wrote nothing: skip its buffer.
+  std::vector<const float*> used;
+  for (int w = 0; w < nacc; ++w) {
+    if (started[w]) used.push_back(acc.data() + w * acc_size);
+  }
+  const int nused = static_cast<int>(used.size());
+  // Rows of dW in parallel: each reads all accumulators (16 x nused x K floats per row).
+  const int64_t chunks = NumChunks(g.C, 16 * nused * g.K, workers);
   ParallelFor(pool, workers, chunks, [&](int, int64_t chunk) {
     const int64_t c0 = chunk * g.C / chunks, c1 = (chunk + 1) * g.C / chunks;
-    WeightTransform(g, acc.data(), nacc, acc_size, c0, c1, dw);
+    WeightTransform(g, used.data(), nused, c0, c1, dw);
   });
+  buffers.Give(std::move(acc));
 }
 
 ffi::Error WeightGradImpl(ffi::ThreadPool pool, ffi::BufferR4<ffi::F32> x,
