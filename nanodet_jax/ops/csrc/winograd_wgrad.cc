@@ -56,8 +56,8 @@ inline void AccKernel(const float* v, int64_t ldv, const float* z, int64_t nt, f
   }
 }
 
-// Cp is a multiple of kLanes; rows past the last full kMR group are done by smaller
-// register tiles (multiples of 4 rows cover every remainder).
+// All Cp rows: kMR-row register tiles, then 4-row and single-row ones for the remainder
+// (with AVX-512, Cp a multiple of 16 and kMR = 12, the remainder is 0, 4 or 8 rows).
 template <bool kFirst>
 inline void AccRows(const float* v, int64_t ldv, const float* z, int64_t nt, float* acc,
                     int64_t rows) {
