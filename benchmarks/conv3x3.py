@@ -1,21 +1,27 @@
 """Dense 3x3 convolution (the aux head's layers) on NanoDet-Plus-m shapes: ours vs torch.
 
     python benchmarks/conv3x3.py [--batch 16] [--repeats 5] [--json out.json]
+    python benchmarks/conv3x3.py --weight-grad [--batch 16 32] [--repeats 7]
 
 For one 192 -> 192 channel layer on each pyramid level of a 320 input (40, 20, 10, 5), and
 the four levels summed, times the forward and forward + backward (d/dx and d/dkernel) of
 
 * ``lax``   XLA's ``lax.conv_general_dilated``,
-* ``ffi``   the C++ Winograd F(2x2, 3x3) kernel (forward and input gradient; the weight
-  gradient is XLA's), i.e. what ``nanodet_jax.ops.conv3x3`` runs on CPU,
+* ``ffi``   the C++ Winograd F(2x2, 3x3) kernels (forward, input and weight gradients),
+  i.e. what ``nanodet_jax.ops.conv3x3`` runs on CPU,
 * ``torch`` ``torch.nn.functional.conv2d`` in NCHW and channels_last (skipped without torch),
 
 with the ratio torch NCHW / ours (> 1: we are faster). Median of ``--repeats`` after warm-up.
+
+``--weight-grad`` times only d/dkernel, XLA's convolution and ours taking turns within each
+repeat (the two cores are shared), per level and for every ``--batch`` given: median, min
+and max.
 """
 
 from __future__ import annotations
 
 import argparse
+import time
 
 import jax
 import jax.numpy as jnp
@@ -42,6 +48,40 @@ def jax_times(impl: str, x: jax.Array, k: jax.Array, g: jax.Array, repeats: int)
     return t_f, t_fb
 
 
+def weight_grad_times(x: jax.Array, g: jax.Array, repeats: int) -> dict[str, list[float]]:
+    """Seconds per repeat of d/dkernel alone (dx and the forward are dead code under jit)."""
+    k = jnp.zeros((3, 3, x.shape[3], g.shape[3]), jnp.float32)
+    fns = {}
+    for impl in ("lax", "ffi"):
+        f = jax.jit(lambda x, k, g, impl=impl: jax.vjp(lambda k: conv3x3(x, k, impl=impl), k)[1](g))
+        fns[impl] = lambda f=f: jax.block_until_ready(f(x, k, g))
+    for fn in fns.values():
+        fn(), fn()  # compile, warm up
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    return times
+
+
+def weight_grad_main(batches: list[int], repeats: int) -> None:
+    rng = np.random.default_rng(0)
+    rows = []
+    for batch in batches:
+        for size in LEVELS:
+            shape = (batch, size, size, CHANNELS)
+            x, g = (jnp.asarray(rng.standard_normal(shape), jnp.float32) for _ in range(2))
+            t = weight_grad_times(x, g, repeats)
+            cells = [f"{np.median(v) * 1e3:.1f} ({min(v) * 1e3:.1f}-{max(v) * 1e3:.1f})"
+                     for v in t.values()]  # fmt: skip
+            ratio = np.median(t["lax"]) / np.median(t["ffi"])
+            rows.append([str(batch), f"{size}x{size}", *cells, f"{ratio:.2f}x"])
+    print(f"\nweight gradient alone, {CHANNELS} -> {CHANNELS} channels, ms: median (min-max)")
+    print(markdown_table(["batch", "level", "XLA", "ours", "XLA / ours"], rows))
+
+
 def torch_times(layout: str, x: np.ndarray, k: np.ndarray, g: np.ndarray, repeats: int):
     import torch
 
@@ -66,11 +106,16 @@ def torch_times(layout: str, x: np.ndarray, k: np.ndarray, g: np.ndarray, repeat
 def main() -> None:
     runtime.configure_xla()  # the entry points' XLA settings, before any computation
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--batch", type=int, nargs="+", default=[16])
     p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--weight-grad", action="store_true", help="time d/dkernel alone")
     p.add_argument("--json")
     args = p.parse_args()
     print(machine_summary())
+    if args.weight_grad:
+        weight_grad_main(args.batch, args.repeats)
+        return
+    args.batch = args.batch[0]
     try:
         import torch  # noqa: F401 - default threads, as in train_step.py
 

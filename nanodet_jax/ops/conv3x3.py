@@ -4,17 +4,18 @@ These are the aux head's convolutions (SimpleConvHead: eight 192-channel layers 
 pyramid level), ~85% of a NanoDet-Plus training step's FLOPs. Implementations, picked per
 call by ``impl`` or the ``NANODET_JAX_CONV3X3`` environment variable (read at trace time):
 
-* ``auto`` (default): on CPU the C++ Winograd F(2x2, 3x3) kernel (``csrc/winograd.cc``,
-  2.25x fewer multiplies; forward and input gradient ~2x faster than XLA's convolution
-  here) if it can be built, else ``lax``; on GPU/TPU ``lax`` (cuDNN and the TPU compiler
-  choose their own algorithms).
-* ``ffi``: the Winograd kernel on CPU (raises if it cannot be built), ``lax`` elsewhere.
+* ``auto`` (default): on CPU the C++ Winograd F(2x2, 3x3) kernels (2.25x fewer
+  multiplies; each ~2x faster than XLA's convolution here) for the forward and the input
+  gradient (``csrc/winograd.cc``) and the weight gradient (``csrc/winograd_wgrad.cc``) if
+  they can be built, else ``lax``; on GPU/TPU ``lax`` (cuDNN and the TPU compiler choose
+  their own algorithms).
+* ``ffi``: the Winograd kernels on CPU (raises if they cannot be built), ``lax`` elsewhere.
 * ``lax``: ``lax.conv_general_dilated`` everywhere.
 
 Winograd rounds differently from direct convolution: ~1e-6 relative on NanoDet's
 activations, the size of float32 summation-order differences (tests/ops/test_conv3x3.py).
-The weight gradient stays XLA's convolution: it is a reduction over every pixel, which
-XLA already runs near this CPU's peak.
+The weight gradient reduces over the batch: under a batch-sharded ``jit`` each shard
+computes a partial [3, 3, C, K] gradient and the shards' parts are summed (``psum``).
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from nanodet_jax.ops.depthwise_xla import batch_parallel, batchable
 ENV_VAR = "NANODET_JAX_CONV3X3"
 IMPLS = ("auto", "ffi", "lax")
 _TARGET = "nanodet_winograd_conv3x3"
+_WGRAD_TARGET = "nanodet_winograd_conv3x3_weight_grad"
 
 
 def conv3x3_lax(x: jax.Array, kernel: jax.Array) -> jax.Array:
@@ -76,6 +78,20 @@ def _winograd(x: jax.Array, kernel: jax.Array) -> jax.Array:
     return batchable(_winograd_op, shape, 1, 1, fold=True)(x, pack_weights(kernel))
 
 
+def _raw_wgrad(x: jax.Array, g: jax.Array, out_shape: tuple[int, ...], *_: int) -> jax.Array:
+    out = jax.ShapeDtypeStruct(out_shape, jnp.float32)
+    return jax.ffi.ffi_call(_WGRAD_TARGET, out, vmap_method="sequential")(x, g)
+
+
+# Per batch shard a partial [3, 3, C, K] gradient, psummed over the shards.
+_wgrad_op = batch_parallel(_raw_wgrad, reduce_batch=True, dense=True)
+
+
+def _winograd_weight_grad(x: jax.Array, g: jax.Array) -> jax.Array:
+    shape = (3, 3, x.shape[3], g.shape[3])
+    return batchable(_wgrad_op, shape, 1, 1, fold=False)(x, g)
+
+
 @jax.custom_vjp
 def _conv_f32(x: jax.Array, kernel: jax.Array) -> jax.Array:
     return _winograd(x, kernel)
@@ -89,8 +105,7 @@ def _conv_bwd(res, g):
     x, kernel = res
     # dx is the 'same' convolution of g with the kernel flipped and its channels swapped.
     dx = _winograd(g, jnp.flip(kernel, (0, 1)).transpose(0, 1, 3, 2))
-    _, weight_vjp = jax.vjp(lambda k: conv3x3_lax(x, k), kernel)
-    return dx, weight_vjp(g)[0]
+    return dx, _winograd_weight_grad(x, g)
 
 
 _conv_f32.defvjp(_conv_fwd, _conv_bwd)

@@ -183,9 +183,10 @@ def batch_parallel(raw: RawOp, reduce_batch: bool, dense: bool = False) -> RawOp
 
     ``a`` is NHWC and decides the sharding. For forward / input-gradient, ``b`` is the
     kernel and the output is NHWC; for the weight gradient (``reduce_batch``) ``b`` is the
-    NHWC cotangent and the output is the [K, K, 1, C] kernel gradient. ``dense``: the op
-    mixes channels (a dense convolution, ``b`` any rank-4 kernel layout), so only the
-    batch is split and the output's channel count comes from ``out_shape``.
+    NHWC cotangent and the output is the [K, K, 1, C] kernel gradient (``out_shape`` when
+    ``dense``), summed over the batch shards. ``dense``: the op mixes channels (a dense
+    convolution, ``b`` any rank-4 kernel layout), so only the batch is split and the
+    output's channel count comes from ``out_shape``.
     """
     op = custom_partitioning(raw, static_argnums=(2, 3, 4))
 
@@ -209,8 +210,8 @@ def batch_parallel(raw: RawOp, reduce_batch: bool, dense: bool = False) -> RawOp
 
         def lower(a: jax.Array, b: jax.Array) -> jax.Array:
             # Per-shard output shape: the local batch/channel sizes come from the operand.
-            if reduce_batch:
-                local = (*out_shape[:3], a.shape[3])
+            if reduce_batch:  # a dense kernel gradient is whole on every shard
+                local = tuple(out_shape) if dense else (*out_shape[:3], a.shape[3])
             else:
                 local = (a.shape[0], *out_shape[1:3], out_shape[3] if dense else a.shape[3])
             y = raw(a, b, local, stride, padding)

@@ -38,6 +38,7 @@ TARGETS = {
     "nanodet_depthwise_input_grad": "NanodetDepthwiseInputGrad",
     "nanodet_depthwise_weight_grad": "NanodetDepthwiseWeightGrad",
     "nanodet_winograd_conv3x3": "NanodetWinogradConv3x3",
+    "nanodet_winograd_conv3x3_weight_grad": "NanodetWinogradConv3x3WeightGrad",
     "nanodet_pointwise_bias_act": "NanodetPointwiseBiasAct",
     "nanodet_stem_conv_bias_act": "NanodetStemConvBiasAct",
 }

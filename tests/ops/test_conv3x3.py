@@ -65,10 +65,15 @@ def test_program_uses_kernel_and_env_var(monkeypatch: pytest.MonkeyPatch, ffi_ok
     def hlo() -> str:
         return jax.jit(lambda x, k: conv3x3(x, k)).lower(x, kern).as_text()
 
+    def grad_hlo() -> str:
+        loss = lambda k: jnp.sum(conv3x3(x, k) ** 2)  # noqa: E731
+        return jax.jit(jax.grad(loss)).lower(kern).as_text()
+
     monkeypatch.setenv(ENV_VAR, "lax")
-    assert "nanodet_winograd_conv3x3" not in hlo()
+    assert "nanodet_winograd_conv3x3" not in hlo() + grad_hlo()
     monkeypatch.setenv(ENV_VAR, "auto")
     assert "nanodet_winograd_conv3x3" in hlo()
+    assert "nanodet_winograd_conv3x3_weight_grad" in grad_hlo()
     monkeypatch.setenv(ENV_VAR, "bogus")
     with pytest.raises(ValueError, match="conv3x3 implementation"):
         hlo()
@@ -81,6 +86,13 @@ def test_vmap_and_bfloat16(ffi_ok: bool) -> None:
     x, kern, _ = _data((3, 6, 5, 20, 12))
     stacked = jax.vmap(lambda xi: conv3x3(xi[None], kern, impl="ffi")[0])(x)
     np.testing.assert_allclose(stacked, conv3x3_lax(x, kern), rtol=1e-5, atol=1e-5)
+
+    # Per-example kernel gradients: the weight gradient's vmap rule maps over the examples.
+    def dkernel(impl: str) -> jax.Array:
+        loss = lambda k, xi: jnp.sum(jnp.sin(conv3x3(xi[None], k, impl=impl)))  # noqa: E731
+        return jax.jit(jax.vmap(jax.grad(loss), in_axes=(None, 0)))(kern, x)
+
+    np.testing.assert_allclose(dkernel("ffi"), dkernel("lax"), rtol=1e-5, atol=1e-5)
     y = conv3x3(x.astype(jnp.bfloat16), kern, impl="ffi")
     assert y.dtype == jnp.bfloat16
     np.testing.assert_allclose(y.astype(jnp.float32), conv3x3_lax(x, kern), rtol=0.05, atol=0.05)
@@ -108,6 +120,7 @@ def test_sharded_batch_and_fallback(ffi_ok: bool, tmp_path: Path) -> None:
         hlo = split.lower(x, k).compile().as_text()
         assert "all-gather" not in hlo and "f32[2,9,10,40]" in hlo, hlo[-3000:]
         assert "nanodet_winograd_conv3x3" in hlo
+        assert "nanodet_winograd_conv3x3_weight_grad" in hlo and "all-reduce" in hlo
         print("OK")
     """
     fallback = """

@@ -17,7 +17,7 @@
 //
 // The input gradient of this convolution is the same convolution of the output gradient
 // with the kernel flipped and its channel axes swapped, so the caller uses this forward
-// for both.
+// for both. The weight gradient is winograd_wgrad.cc.
 //
 // Work is split in blocks of kTB tiles: a block's V (16 x kTB x Cp) and M (16 x kTB x Kp)
 // stay in L2 while the micro-kernel computes kMR x NR register tiles of M over all input
@@ -29,19 +29,13 @@
 #include <vector>
 
 #include "common.h"
+#include "winograd.h"
 
 namespace {
 
-using namespace nanodet_ffi;  // NOLINT: Vec, loads/stores, ParallelFor, ffi
+using namespace nanodet_ffi;       // NOLINT: Vec, loads/stores, ParallelFor, ffi
+using namespace nanodet_winograd;  // NOLINT: kNR, kMR, Geometry, InputTransform
 
-// Register tile of the GEMM micro-kernel: kMR tiles x kNR output channels, 2 * kMR
-// accumulators plus two weight vectors must fit in the register file (32 zmm / 16 ymm).
-constexpr int kNR = 2 * kLanes;
-#if defined(__AVX512F__)
-constexpr int kMR = 12;
-#else
-constexpr int kMR = 6;
-#endif
 constexpr int kTB = 3 * kMR;  // tiles per block
 
 // out[kMR x kNR] = a[kMR x kc] (row stride lda) * b[kc x kNR] (rows contiguous).
@@ -63,61 +57,6 @@ inline void MicroKernel(const float* a, int64_t lda, const float* b, int64_t kc,
   for (int r = 0; r < kMR; ++r) {
     Store(out + r * ldo, acc0[r]);
     Store(out + r * ldo + kLanes, acc1[r]);
-  }
-}
-
-struct Geometry {
-  int64_t N, H, W, C, K;
-  int64_t th, tw, T;  // tiles per column / row, tiles in all
-  int64_t Cp, Kp;     // padded channel counts
-  Geometry(int64_t n, int64_t h, int64_t w, int64_t c, int64_t k)
-      : N(n), H(h), W(w), C(c), K(k), th((h + 1) / 2), tw((w + 1) / 2), T(n * th * tw),
-        Cp((c + kLanes - 1) / kLanes * kLanes), Kp((k + kNR - 1) / kNR * kNR) {}
-};
-
-// V[ab][tt][:] = B^T d B for the tiles t0 .. t0 + kTB - 1 (zeros past the last tile).
-void InputTransform(const Geometry& g, const float* x, int64_t t0, float* V) {
-  const Vec zero = {};
-  for (int64_t tt = 0; tt < kTB; ++tt) {
-    const int64_t t = t0 + tt;
-    const float* src[4][4];
-    if (t < g.T) {
-      const int64_t n = t / (g.th * g.tw), i = (t / g.tw) % g.th, j = t % g.tw;
-      for (int r = 0; r < 4; ++r) {
-        for (int s = 0; s < 4; ++s) {
-          const int64_t h = 2 * i - 1 + r, w = 2 * j - 1 + s;
-          const bool inside = h >= 0 && h < g.H && w >= 0 && w < g.W;
-          src[r][s] = inside ? x + ((n * g.H + h) * g.W + w) * g.C : nullptr;
-        }
-      }
-    } else {
-      for (auto& row : src) std::fill(row, row + 4, nullptr);
-    }
-    for (int64_t c = 0; c < g.Cp; c += kLanes) {
-      const int n = static_cast<int>(std::min<int64_t>(kLanes, g.C - c));
-      Vec d[4][4];
-      for (int r = 0; r < 4; ++r) {
-        for (int s = 0; s < 4; ++s) {
-          const float* p = src[r][s];
-          d[r][s] = p == nullptr ? zero : (n == kLanes ? Load(p + c) : LoadN(p + c, n));
-        }
-      }
-      Vec e[4][4];  // B^T d
-      for (int s = 0; s < 4; ++s) {
-        e[0][s] = d[0][s] - d[2][s];
-        e[1][s] = d[1][s] + d[2][s];
-        e[2][s] = d[2][s] - d[1][s];
-        e[3][s] = d[1][s] - d[3][s];
-      }
-      float* v = V + tt * g.Cp + c;
-      const int64_t ab_stride = kTB * g.Cp;
-      for (int a = 0; a < 4; ++a) {  // (B^T d) B
-        Store(v + (4 * a + 0) * ab_stride, e[a][0] - e[a][2]);
-        Store(v + (4 * a + 1) * ab_stride, e[a][1] + e[a][2]);
-        Store(v + (4 * a + 2) * ab_stride, e[a][2] - e[a][1]);
-        Store(v + (4 * a + 3) * ab_stride, e[a][1] - e[a][3]);
-      }
-    }
   }
 }
 
@@ -163,7 +102,7 @@ void Forward(ffi::ThreadPool* pool, const Geometry& g, const float* x, const flo
     float* V = vbuf.data();
     float* M = mbuf.data();
     const int64_t t0 = block * kTB;
-    InputTransform(g, x, t0, V);
+    InputTransform(g, x, t0, kTB, V);
     for (int ab = 0; ab < 16; ++ab) {
       for (int64_t p = 0; p < npanels; ++p) {
         const float* panel = u + (ab * npanels + p) * g.Cp * kNR;

@@ -1,0 +1,263 @@
+// Weight gradient of the Winograd F(2x2, 3x3) convolution in winograd.cc, for XLA:CPU.
+//
+// The forward computes each 2x2 output tile as y = A^T [ sum_c U_ck (.) V_c ] A with
+// U = G w G^T and V = B^T d B. Differentiating, with gy the tile's output gradient (zero
+// past the image edge at odd sizes) and A the 4x2 matrix (A^T = [1 1 1 0; 0 1 -1 -1]):
+//   dW_ck = G^T M_ck G,   M_ab[c, k] = sum_tiles V_ab[tile, c] * Z_ab[tile, k],
+//   Z = A gy A^T,
+// i.e. the forward's input transform, an output-gradient transform and 16 GEMMs that
+// reduce over the tiles (2.25x fewer multiplies than the direct weight gradient).
+//
+// Tiles are processed in blocks of kWTB: a block's V and Z are transformed into
+// thread-local buffers, then a register-tiled micro-kernel adds V_ab^T Z_ab into the
+// worker's own accumulator M (16 x Cp x Kp, in panels of kNR output channels so that a
+// kMR x kNR register tile is one contiguous run). A long block amortises loading and
+// storing the accumulator tile over many FMAs. At the end the workers' accumulators are
+// summed and transformed by G^T . G into dW [3, 3, C, K].
+#include <algorithm>
+#include <cstdint>
+#include <mutex>
+#include <vector>
+
+#include "common.h"
+#include "winograd.h"
+
+namespace {
+
+using namespace nanodet_ffi;       // NOLINT: Vec, loads/stores, ParallelFor, ffi
+using namespace nanodet_winograd;  // NOLINT: kNR, kMR, Geometry, InputTransform
+
+constexpr int64_t kWTB = 64;  // tiles per block (the GEMMs' reduction length per pass)
+
+// acc[MR x kNR] (+)= v[nt x MR]^T z[nt x kNR]: v rows at stride ldv, z rows contiguous,
+// acc rows contiguous. kFirst: overwrite (a worker's first block), so that the
+// accumulators need no zeroing.
+template <int MR, bool kFirst>
+inline void AccKernel(const float* v, int64_t ldv, const float* z, int64_t nt, float* acc) {
+  Vec a0[MR], a1[MR];
+#pragma GCC unroll 16
+  for (int r = 0; r < MR; ++r) {
+    a0[r] = kFirst ? Vec{} : Load(acc + r * kNR);
+    a1[r] = kFirst ? Vec{} : Load(acc + r * kNR + kLanes);
+  }
+  for (int64_t t = 0; t < nt; ++t) {
+    const Vec b0 = Load(z + t * kNR), b1 = Load(z + t * kNR + kLanes);
+#pragma GCC unroll 16
+    for (int r = 0; r < MR; ++r) {
+      const float s = v[t * ldv + r];
+      a0[r] += s * b0;
+      a1[r] += s * b1;
+    }
+  }
+#pragma GCC unroll 16
+  for (int r = 0; r < MR; ++r) {
+    Store(acc + r * kNR, a0[r]);
+    Store(acc + r * kNR + kLanes, a1[r]);
+  }
+}
+
+// All Cp rows: kMR-row register tiles, then 4-row and single-row ones for the remainder
+// (with AVX-512, Cp a multiple of 16 and kMR = 12, the remainder is 0, 4 or 8 rows).
+template <bool kFirst>
+inline void AccRows(const float* v, int64_t ldv, const float* z, int64_t nt, float* acc,
+                    int64_t rows) {
+  int64_t r = 0;
+  for (; r + kMR <= rows; r += kMR) AccKernel<kMR, kFirst>(v + r, ldv, z, nt, acc + r * kNR);
+  for (; r + 4 <= rows; r += 4) AccKernel<4, kFirst>(v + r, ldv, z, nt, acc + r * kNR);
+  for (; r < rows; ++r) AccKernel<1, kFirst>(v + r, ldv, z, nt, acc + r * kNR);
+}
+
+// Accumulator buffers kept between calls: fresh multi-megabyte allocations cost a page
+// fault per 4 KiB, which is most of the time at the small pyramid levels. Concurrent
+// calls each take their own buffer.
+class BufferPool {
+ public:
+  std::vector<float> Take(size_t size) {
+    std::vector<float> buf;
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      if (!free_.empty()) {
+        buf = std::move(free_.back());
+        free_.pop_back();
+      }
+    }
+    if (buf.size() < size) buf.resize(size);
+    return buf;
+  }
+  void Give(std::vector<float> buf) {
+    std::lock_guard<std::mutex> lock(mu_);
+    free_.push_back(std::move(buf));
+  }
+
+ private:
+  std::mutex mu_;
+  std::vector<std::vector<float>> free_;
+};
+
+// Z[ab][panel][tt][:] = A gy A^T for the tiles t0 .. t0 + tb - 1 (zeros past the last tile
+// and in the padding channels K .. Kp).
+void GradTransform(const Geometry& g, const float* gy, int64_t t0, int64_t tb, float* Z) {
+  const Vec zero = {};
+  const int64_t npanels = g.Kp / kNR;
+  for (int64_t tt = 0; tt < tb; ++tt) {
+    const int64_t t = t0 + tt;
+    const float* src[2][2] = {{nullptr, nullptr}, {nullptr, nullptr}};
+    if (t < g.T) {
+      const int64_t n = t / (g.th * g.tw), i = (t / g.tw) % g.th, j = t % g.tw;
+      for (int r = 0; r < 2; ++r) {
+        for (int s = 0; s < 2; ++s) {
+          if (2 * i + r < g.H && 2 * j + s < g.W) {
+            src[r][s] = gy + ((n * g.H + 2 * i + r) * g.W + 2 * j + s) * g.K;
+          }
+        }
+      }
+    }
+    for (int64_t k = 0; k < g.Kp; k += kLanes) {
+      const int64_t left = g.K - k;
+      Vec d[2][2];
+      for (int r = 0; r < 2; ++r) {
+        for (int s = 0; s < 2; ++s) {
+          const float* p = src[r][s];
+          d[r][s] = p == nullptr || left <= 0
+                        ? zero
+                        : (left >= kLanes ? Load(p + k) : LoadN(p + k, static_cast<int>(left)));
+        }
+      }
+      Vec q[4][2];  // A gy
+      for (int s = 0; s < 2; ++s) {
+        q[0][s] = d[0][s];
+        q[1][s] = d[0][s] + d[1][s];
+        q[2][s] = d[0][s] - d[1][s];
+        q[3][s] = -d[1][s];
+      }
+      float* z = Z + ((k / kNR) * tb + tt) * kNR + k % kNR;
+      const int64_t ab_stride = npanels * tb * kNR;
+      for (int a = 0; a < 4; ++a) {  // (A gy) A^T
+        Store(z + (4 * a + 0) * ab_stride, q[a][0]);
+        Store(z + (4 * a + 1) * ab_stride, q[a][0] + q[a][1]);
+        Store(z + (4 * a + 2) * ab_stride, q[a][0] - q[a][1]);
+        Store(z + (4 * a + 3) * ab_stride, -q[a][1]);
+      }
+    }
+  }
+}
+
+// dw[u][v][c][:] = (G^T m G)[u][v] for the accumulator rows c0 .. c1 - 1, summed over
+// the workers' accumulators; G^T = [1 .5 .5 0; 0 .5 -.5 0; 0 .5 .5 1].
+void WeightTransform(const Geometry& g, const float* const* accs, int nacc, int64_t c0,
+                     int64_t c1, float* dw) {
+  const int64_t npanels = g.Kp / kNR;
+  const Vec half = Vec{} + 0.5f;
+  for (int64_t c = c0; c < c1; ++c) {
+    for (int64_t k = 0; k < g.K; k += kLanes) {
+      const int nk = static_cast<int>(std::min<int64_t>(kLanes, g.K - k));
+      Vec m[4][4];
+      for (int ab = 0; ab < 16; ++ab) {
+        const int64_t at = ((ab * npanels + k / kNR) * g.Cp + c) * kNR + k % kNR;
+        Vec s = Load(accs[0] + at);
+        for (int w = 1; w < nacc; ++w) s += Load(accs[w] + at);
+        m[ab / 4][ab % 4] = s;
+      }
+      Vec e[3][4];  // G^T m
+      for (int b = 0; b < 4; ++b) {
+        const Vec mid = half * (m[1][b] + m[2][b]);
+        e[0][b] = m[0][b] + mid;
+        e[1][b] = half * (m[1][b] - m[2][b]);
+        e[2][b] = mid + m[3][b];
+      }
+      for (int u = 0; u < 3; ++u) {  // (G^T m) G
+        const Vec mid = half * (e[u][1] + e[u][2]);
+        const Vec o[3] = {e[u][0] + mid, half * (e[u][1] - e[u][2]), mid + e[u][3]};
+        for (int v = 0; v < 3; ++v) {
+          float* dst = dw + ((u * 3 + v) * g.C + c) * g.K + k;
+          if (nk == kLanes) Store(dst, o[v]); else StoreN(dst, o[v], nk);
+        }
+      }
+    }
+  }
+}
+
+void WeightGrad(ffi::ThreadPool* pool, const Geometry& g, const float* x, const float* gy,
+                float* dw) {
+  const int64_t npanels = g.Kp / kNR;
+  const int workers = NumWorkers(pool);
+  // Blocks of up to kWTB tiles, as many as a multiple of the workers when there are few
+  // (small images), so that no worker waits on another's extra block.
+  int64_t nblocks = (g.T + kWTB - 1) / kWTB;
+  if (nblocks < 8 * workers) {
+    nblocks = std::min(g.T, (nblocks + workers - 1) / workers * workers);
+  }
+  const int64_t tb = (g.T + nblocks - 1) / nblocks;
+  nblocks = (g.T + tb - 1) / tb;
+  // ParallelFor hands out worker ids 0 .. min(workers, chunks) - 1; one accumulator each.
+  const int nacc = static_cast<int>(std::min<int64_t>(workers, nblocks));
+  const int64_t acc_size = 16 * g.Cp * g.Kp;
+  static BufferPool buffers;
+  std::vector<float> acc = buffers.Take(nacc * acc_size);
+  std::vector<char> started(nacc, 0);  // per worker: has it written its accumulator yet
+  ParallelFor(pool, nacc, nblocks, [&](int wid, int64_t block) {
+    thread_local std::vector<float> vbuf, zbuf;
+    vbuf.resize(16 * tb * g.Cp);
+    zbuf.resize(16 * tb * g.Kp);
+    float* V = vbuf.data();
+    float* Z = zbuf.data();
+    const int64_t t0 = block * tb;
+    InputTransform(g, x, t0, tb, V);
+    GradTransform(g, gy, t0, tb, Z);
+    float* M = acc.data() + wid * acc_size;
+    const bool first = !started[wid];
+    started[wid] = 1;
+    for (int ab = 0; ab < 16; ++ab) {
+      for (int64_t p = 0; p < npanels; ++p) {
+        const float* v = V + ab * tb * g.Cp;
+        const float* z = Z + (ab * npanels + p) * tb * kNR;
+        float* m = M + (ab * npanels + p) * g.Cp * kNR;
+        if (first) {
+          AccRows<true>(v, g.Cp, z, tb, m, g.Cp);
+        } else {
+          AccRows<false>(v, g.Cp, z, tb, m, g.Cp);
+        }
+      }
+    }
+  });
+  // A pool task that started after all blocks were taken wrote nothing: skip its buffer.
+  std::vector<const float*> used;
+  for (int w = 0; w < nacc; ++w) {
+    if (started[w]) used.push_back(acc.data() + w * acc_size);
+  }
+  const int nused = static_cast<int>(used.size());
+  // Rows of dW in parallel: each reads all accumulators (16 x nused x K floats per row).
+  const int64_t chunks = NumChunks(g.C, 16 * nused * g.K, workers);
+  ParallelFor(pool, workers, chunks, [&](int, int64_t chunk) {
+    const int64_t c0 = chunk * g.C / chunks, c1 = (chunk + 1) * g.C / chunks;
+    WeightTransform(g, used.data(), nused, c0, c1, dw);
+  });
+  buffers.Give(std::move(acc));
+}
+
+ffi::Error WeightGradImpl(ffi::ThreadPool pool, ffi::BufferR4<ffi::F32> x,
+                          ffi::BufferR4<ffi::F32> gy, ffi::ResultBufferR4<ffi::F32> dw) {
+  const auto xd = x.dimensions(), gd = gy.dimensions(), wd = dw->dimensions();
+  const Geometry g(xd[0], xd[1], xd[2], xd[3], gd[3]);
+  if (gd[0] != g.N || gd[1] != g.H || gd[2] != g.W) {
+    return ffi::Error::InvalidArgument("winograd conv3x3 weight grad: g must be [N, H, W, K]");
+  }
+  if (wd[0] != 3 || wd[1] != 3 || wd[2] != g.C || wd[3] != g.K) {
+    return ffi::Error::InvalidArgument("winograd conv3x3 weight grad: dw must be [3, 3, C, K]");
+  }
+  if (g.T == 0) {  // empty batch or image: the gradient is zero
+    std::fill(dw->typed_data(), dw->typed_data() + 9 * g.C * g.K, 0.0f);
+    return ffi::Error::Success();
+  }
+  WeightGrad(&pool, g, x.typed_data(), gy.typed_data(), dw->typed_data());
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(NanodetWinogradConv3x3WeightGrad, WeightGradImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::BufferR4<ffi::F32>>()
+                                  .Arg<ffi::BufferR4<ffi::F32>>()
+                                  .Ret<ffi::BufferR4<ffi::F32>>());
