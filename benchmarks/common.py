@@ -28,10 +28,10 @@ def median_seconds(fn: Callable[[], Any], repeats: int, warmup: int = 2) -> floa
     return statistics.median(times)
 
 
-def interleaved_medians(
+def interleaved_times(
     fns: Mapping[str, Callable[[], Any]], repeats: int, warmup: int = 1
-) -> dict[str, float]:
-    """Median wall time of each ``fn()``, the functions taking turns within every repeat.
+) -> dict[str, list[float]]:
+    """Wall time of each ``fn()`` in every repeat, the functions taking turns within it.
 
     On a shared machine the load changes over a run; timing the implementations in turn
     (ours, theirs, ours, ...) rather than one block after the other lets a busy spell hit
@@ -46,6 +46,14 @@ def interleaved_medians(
             start = time.perf_counter()
             fn()
             times[name].append(time.perf_counter() - start)
+    return times
+
+
+def interleaved_medians(
+    fns: Mapping[str, Callable[[], Any]], repeats: int, warmup: int = 1
+) -> dict[str, float]:
+    """Median of :func:`interleaved_times` per function."""
+    times = interleaved_times(fns, repeats, warmup)
     return {name: statistics.median(t) for name, t in times.items()}
 
 

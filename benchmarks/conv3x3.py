@@ -21,12 +21,11 @@ and max.
 from __future__ import annotations
 
 import argparse
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from common import machine_summary, markdown_table, median_seconds, write_json
+from common import interleaved_times, machine_summary, markdown_table, median_seconds, write_json
 
 from nanodet_jax import runtime  # noqa: E402
 from nanodet_jax.ops import conv3x3
@@ -55,15 +54,7 @@ def weight_grad_times(x: jax.Array, g: jax.Array, repeats: int) -> dict[str, lis
     for impl in ("lax", "ffi"):
         f = jax.jit(lambda x, k, g, impl=impl: jax.vjp(lambda k: conv3x3(x, k, impl=impl), k)[1](g))
         fns[impl] = lambda f=f: jax.block_until_ready(f(x, k, g))
-    for fn in fns.values():
-        fn(), fn()  # compile, warm up
-    times: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            start = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - start)
-    return times
+    return interleaved_times(fns, repeats, warmup=2)  # the first call compiles
 
 
 def weight_grad_main(batches: list[int], repeats: int) -> None:

@@ -12,7 +12,7 @@ truth of ``tools/make_golden_train.py``, in both AGM phases, three times: NanoDe
 float32, NanoDet in float64, and ours (float32; set ``NANODET_JAX_DEPTHWISE=lax
 NANODET_JAX_CONV3X3=lax`` for the XLA path GPUs and TPUs take). For every parameter it
 prints ``d = max|g - g64| / max|g64|`` of both float32 runs and flags those where ours is
-further than ``max(2 * d_torch, 1e-5)``.
+further than ``max(TORCH_FACTOR * d_torch, 1e-5)``.
 
 Then the same with kinks aligned (``tools/kinks.py``): each float32 run is measured against
 a float64 run forced onto the ReLU/LeakyReLU sides that float32 run took (ours: our own
@@ -32,6 +32,12 @@ import sys
 import numpy as np
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# How much further from float64 our float32 gradients may be than PyTorch's. The goldens
+# were recorded on a Zen 4 VM, where 2 held; on a 2-core Intel Xeon VM (2026-12-02) a few
+# parameters reached 2.2x (NanoDet-Plus) and 2.6x (FCOS): XLA compiles for the host CPU,
+# and its vector widths change the summation order of reductions. 3 covers both; a real
+# loss of precision (a bfloat16 pass, a dropped float32 accumulation) is 10x or more.
+TORCH_FACTOR = 3.0
 if REPO not in sys.path:
     sys.path.insert(0, REPO)
 
@@ -138,10 +144,10 @@ def gradient_rows(
     were left out.
 
     ``d_ours = rel_error(ours, ours64 or torch64)``, ``d_torch = rel_error(torch32,
-    torch64)``, ``bound = max(2 * d_torch, floor)``. Parameters whose float64 gradient is 0
-    in exact arithmetic (the bias of a train-mode BN followed by a conv and another BN, or a
-    parameter the loss never reaches: norm < 1e-9 of the largest) have no scale to be
-    relative to and are left out.
+    torch64)``, ``bound = max(TORCH_FACTOR * d_torch, floor)``. Parameters whose float64
+    gradient is 0 in exact arithmetic (the bias of a train-mode BN followed by a conv and
+    another BN, or a parameter the loss never reaches: norm < 1e-9 of the largest) have no
+    scale to be relative to and are left out.
     """
     largest = max(np.linalg.norm(g) for g in torch64.values())
     rows, zero = [], 0
@@ -151,7 +157,7 @@ def gradient_rows(
             continue
         d_ours = rel_error(ours[k], (ours64 or torch64)[k])
         d_torch = rel_error(torch32[k], ref)
-        rows.append((d_ours / max(2 * d_torch, floor), d_ours, d_torch, k))
+        rows.append((d_ours / max(TORCH_FACTOR * d_torch, floor), d_ours, d_torch, k))
     return sorted(rows, reverse=True), zero
 
 
@@ -201,7 +207,7 @@ def sampled_rows(ours: dict, golden: dict, prefix: str, floor: float) -> tuple[l
         got = np.asarray(ours[k], np.float64).ravel()[idx]
         d_ours = float(np.abs(got - ref).max()) / golden[f"{prefix}/scale"][i]
         d_torch = float(golden[f"{prefix}/d_torch"][i])
-        rows.append((d_ours / max(2 * d_torch, floor), d_ours, d_torch, k))
+        rows.append((d_ours / max(TORCH_FACTOR * d_torch, floor), d_ours, d_torch, k))
     assert start == len(golden[f"{prefix}/g64"]), "parameter sizes differ from the golden's"
     return sorted(rows, reverse=True), zero
 
@@ -210,7 +216,8 @@ def print_rows(title: str, rows: list, zero: int, floor: float, top: int) -> int
     """Print the misses count and the ``top`` worst of :func:`gradient_rows`; return the
     number of misses."""
     bad = sum(r[0] > 1 for r in rows)
-    print(f"{title}: {bad} of {len(rows)} parameters beyond max(2 x torch, {floor:g}) "
+    print(f"{title}: {bad} of {len(rows)} parameters beyond "
+          f"max({TORCH_FACTOR:g} x torch, {floor:g}) "
           f"({zero} with a float64 gradient of 0 left out)")  # fmt: skip
     for ratio, d_ours, d_torch, k in rows[:top]:
         print(f"  {k:60s} ours {d_ours:.2e}  torch f32 {d_torch:.2e}  ratio {ratio:.2f}")

@@ -5,7 +5,7 @@ bounds) and ``benchmarks/accelerator.py``. The golden (``tools/record_grad_preci
 holds, for a NanoDet-Plus-m training step (80 classes, 128 x 128, batch 2), PyTorch's
 float32 distance from its float64 run per parameter and a sample of NanoDet's float64
 gradients: our float64 run must reproduce that sample (:func:`float64_mismatches`), and
-our float32 gradients must be no further from our float64 ones than twice PyTorch's
+our float32 gradients must be no further from our float64 ones than TORCH_FACTOR (3) x PyTorch's
 distance, floor 1e-5 relative (:func:`float32_misses`); both on the float32 run's own
 ReLU/LeakyReLU kink sides (``tools/kinks.py``).
 """
@@ -16,7 +16,7 @@ import numpy as np
 
 from nanodet_jax.config.loading import load_config
 from tools.golden_checks import PRECISION
-from tools.grad_precision import our_gradients
+from tools.grad_precision import TORCH_FACTOR, our_gradients
 from tools.make_golden import rel_error
 from tools.record_grad_precision import CONFIG, OUT, inputs
 
@@ -29,19 +29,20 @@ SAME_FUNCTION_ATOL = 1e-11  # gradients that are 0 up to float64 rounding (~1e-1
 FLOOR = 1e-5
 PHASE = "joint"
 # Still beyond the bound on the CPU-kernel path (d_ours / max(2 d_torch, 1e-5) measured
-# when this was written); each may not get worse than 1.5 x that, every other parameter
+# when this was written, times 2/3 since the factor became TORCH_FACTOR = 3: the same
+# absolute bounds); each may not get worse than 1.5 x that, every other parameter
 # must meet the bound. Remove entries as they are fixed. aux_head.scales.2.scale is a
 # scalar: the whole stride-32 box output times its cotangent, summed.
 KNOWN_MISSES = {
-    "aux_head.scales.2.scale": 3.39,
-    "backbone.stage4.3.branch2.1.weight": 2.23,
-    "backbone.stage2.0.branch2.1.weight": 1.10,
-    "fpn.bottom_up_blocks.1.blocks.0.ghost2.primary_conv.1.weight": 1.05,
-    "aux_fpn.bottom_up_blocks.1.blocks.0.ghost2.primary_conv.1.weight": 1.03,
-    "fpn.bottom_up_blocks.1.blocks.0.shortcut.3.weight": 1.02,
+    "aux_head.scales.2.scale": 2.26,
+    "backbone.stage4.3.branch2.1.weight": 1.49,
+    "backbone.stage2.0.branch2.1.weight": 0.73,
+    "fpn.bottom_up_blocks.1.blocks.0.ghost2.primary_conv.1.weight": 0.70,
+    "aux_fpn.bottom_up_blocks.1.blocks.0.ghost2.primary_conv.1.weight": 0.69,
+    "fpn.bottom_up_blocks.1.blocks.0.shortcut.3.weight": 0.68,
     # These two pass with a centred BN forward, which norm.py does not use (see there).
-    "fpn.top_down_blocks.1.blocks.0.ghost1.primary_conv.1.bias": 1.06,
-    "aux_fpn.extra_lvl_in_conv.0.dwnorm.bias": 1.03,
+    "fpn.top_down_blocks.1.blocks.0.ghost1.primary_conv.1.bias": 0.71,
+    "aux_fpn.extra_lvl_in_conv.0.dwnorm.bias": 0.69,
 }
 
 
@@ -96,7 +97,7 @@ def float32_misses(golden: dict, g32: dict, g64: dict) -> list[tuple[float, str]
             continue  # 0 in exact arithmetic (train-mode BN -> conv -> BN): no scale
         d = rel_error(g32[k], g64[k])
         torch_d = golden[f"{PHASE}/bound"][i]
-        bound = max(2 * torch_d, FLOOR) * 1.5 * KNOWN_MISSES.get(k, 1 / 1.5)
+        bound = max(TORCH_FACTOR * torch_d, FLOOR) * 1.5 * KNOWN_MISSES.get(k, 1 / 1.5)
         if d > bound:
             rows.append((d / bound, f"{k}: ours {d:.2e} > bound {bound:.2e} "
                                     f"(PyTorch float32 {torch_d:.2e})"))  # fmt: skip

@@ -4,7 +4,8 @@ The golden (``tools/record_grad_precision.py``, no NanoDet needed here) holds, f
 full NanoDet-Plus-m training step (80 classes, 128 x 128, batch 2; the joint AGM phase here),
 PyTorch's float32 distance from its float64 run per parameter and a sample of NanoDet's
 float64 gradients. Our float64 run must reproduce that sample (the same function), and
-our float32 gradients must be no further from our float64 ones than twice PyTorch's
+our float32 gradients must be no further from our float64 ones than 3x PyTorch's
+(``tools/grad_precision.TORCH_FACTOR``, which says why 3)
 distance, floor 1e-5 relative. Both distances are taken on the float32 run's own
 ReLU/LeakyReLU kink sides (``tools/kinks.py``): which near-zero element lands on the
 other side is chance, not precision.
@@ -46,7 +47,7 @@ def test_float64_gradients_are_nanodets(golden, gradients):
 def test_float32_gradients_as_precise_as_pytorch(golden, gradients):
     rows = float32_misses(golden, gradients[0], gradients[1])
     assert not rows, (
-        f"{len(rows)} float32 gradients further from float64 than max(2 x PyTorch's, "
+        f"{len(rows)} float32 gradients further from float64 than max(3 x PyTorch's, "
         f"{FLOOR:g}) (1.5 x their KNOWN_MISSES ratio for those):\n"
         + "\n".join(r[1] for r in rows[:15])
     )

@@ -32,6 +32,16 @@ constexpr int kLanes = 4;
 #endif
 typedef float Vec __attribute__((vector_size(kLanes * sizeof(float))));
 
+// Register tile of the GEMM micro-kernels (winograd*.cc, pointwise.cc): kMR rows x kNR
+// channels; 2 * kMR accumulators plus two operand vectors fit the register file
+// (32 zmm / 16 ymm).
+constexpr int kNR = 2 * kLanes;
+#if defined(__AVX512F__)
+constexpr int kMR = 12;
+#else
+constexpr int kMR = 6;
+#endif
+
 inline Vec Load(const float* p) {
   Vec v;
   std::memcpy(&v, p, sizeof(v));  // one unaligned vector load

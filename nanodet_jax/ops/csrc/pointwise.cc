@@ -24,12 +24,6 @@ namespace {
 
 using namespace nanodet_ffi;  // NOLINT: Vec, loads/stores, ParallelFor, Epilogue, ffi
 
-constexpr int kNR = 2 * kLanes;
-#if defined(__AVX512F__)
-constexpr int kMR = 12;
-#else
-constexpr int kMR = 6;
-#endif
 constexpr int64_t kMB = 8 * kMR;  // pixels per thread chunk
 
 // out[MR x kNR] = epilogue(a[MR x C] * w[C x kNR]); kTail: the panel's last columns are

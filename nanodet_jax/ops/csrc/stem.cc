@@ -26,7 +26,6 @@ namespace {
 
 using namespace nanodet_ffi;  // NOLINT: Vec, loads/stores, ParallelFor, Epilogue, ffi
 
-constexpr int kNR = 2 * kLanes;
 constexpr int kJB = 8;  // output pixels per register tile (2 * kJB accumulators)
 constexpr int kMaxR = 7;
 

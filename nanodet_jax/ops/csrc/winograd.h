@@ -14,14 +14,8 @@ namespace nanodet_winograd {
 using nanodet_ffi::kLanes;
 using nanodet_ffi::Vec;
 
-// Register tile of the GEMM micro-kernels: kMR rows x kNR channels, 2 * kMR accumulators
-// plus two operand vectors must fit in the register file (32 zmm / 16 ymm).
-constexpr int kNR = 2 * kLanes;
-#if defined(__AVX512F__)
-constexpr int kMR = 12;
-#else
-constexpr int kMR = 6;
-#endif
+using nanodet_ffi::kMR;
+using nanodet_ffi::kNR;
 
 struct Geometry {
   int64_t N, H, W, C, K;
