@@ -414,11 +414,14 @@ def _max_pool_bwd(res, g):
 max_pool_3x3_s2.defvjp(_max_pool_fwd, _max_pool_bwd)
 
 
-def channel_shuffle(x: jax.Array, groups: int) -> jax.Array:
-    """ShuffleNet's channel shuffle on the last (channel) axis."""
-    *lead, c = x.shape
-    x = x.reshape(*lead, groups, c // groups)
-    return jnp.swapaxes(x, -1, -2).reshape(*lead, c)
+def interleave_channels(a: jax.Array, b: jax.Array) -> jax.Array:
+    """ShuffleNet's channel shuffle (2 groups) of ``concat([a, b])``: channel 2i from
+    ``a``, 2i + 1 from ``b``.
+
+    Written as a stack on a new minor axis, XLA emits it as one fusion writing the result
+    in the default layout; the reshape-swapaxes-reshape form left its output transposed,
+    and a consumer needing the default layout (a custom call) paid a second copy."""
+    return jnp.stack([a, b], axis=-1).reshape(*a.shape[:-1], 2 * a.shape[-1])
 
 
 def concat_channels(xs: Sequence[jax.Array]) -> jax.Array:

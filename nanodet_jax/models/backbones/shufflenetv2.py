@@ -12,7 +12,7 @@ from nanodet_jax.models.layers import (
     Activation,
     Conv2d,
     Sequential,
-    channel_shuffle,
+    interleave_channels,
     max_pool_3x3_s2,
     random_normal,
 )
@@ -85,10 +85,8 @@ class ShuffleV2Block(nnx.Module):
         if self.stride == 1:
             half = x.shape[-1] // 2
             x2 = x if self.branch2[0].input_channel_offset == half else x[..., half:]
-            out = jnp.concatenate([x[..., :half], self.branch2(x2)], axis=-1)
-        else:
-            out = jnp.concatenate([self.branch1(x), self.branch2(x)], axis=-1)
-        return channel_shuffle(out, 2)
+            return interleave_channels(x[..., :half], self.branch2(x2))
+        return interleave_channels(self.branch1(x), self.branch2(x))
 
 
 class ShuffleNetV2(nnx.Module):
