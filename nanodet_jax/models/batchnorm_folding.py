@@ -110,8 +110,8 @@ def _fuse_epilogue(module: Any, conv: Conv2d, norm_key: str | int) -> None:
     its bias, and the activation ``module`` applies right after the norm, as the kernel's
     epilogue (``ops.depthwise_conv2d_bias_act``, ``ops.fused_conv``). ConvModule and
     DepthwiseConvModule skip their activation when their convolution has one; in a
-    Sequential the activation layer is replaced by the identity. Elsewhere (``BN_FOLDS``)
-    only the bias moves."""
+    Sequential the activation layer is replaced by the identity. Elsewhere (``BN_FOLDS``,
+    or ``module`` None: a convolution's own bias with no norm) only the bias moves."""
     if not conv.fusable_epilogue:
         return
     kernel, bias = conv.weight[...], conv.bias[...]
@@ -192,4 +192,11 @@ def fold_batchnorm(model: nnx.Module) -> tuple[nnx.Module, int]:
     only: its parameters no longer map onto the PyTorch state_dict."""
     folded = nnx.merge(*nnx.split(model))  # a deep copy (no shared arrays are mutated)
     folded.eval()
-    return folded, _fold_tree(folded)
+    count = _fold_tree(folded)
+    # Convolutions with a bias of their own and no norm (the heads' output convolutions)
+    # get the bias epilogue too; what follows them stays as it is.
+    for _, conv in nnx.iter_modules(folded):
+        if isinstance(conv, Conv2d) and not conv.fuse_epilogue and conv.bias is not None:
+            if conv.fusable_epilogue:
+                _fuse_epilogue(None, conv, None)
+    return folded, count
