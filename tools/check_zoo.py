@@ -23,7 +23,8 @@ For each NanoDet config file (recursively under ``config/``):
    --export-torch`` writes) into a fresh NanoDet model with ``load_state_dict(strict=True)``;
    the re-loaded model's output must equal step 2's reference output.
 5. The inference model with BatchNorm folded into its convolutions (what ``Predictor``
-   runs, ``nanodet_jax.models.batchnorm_folding``) against the same reference output.
+   runs, ``nanodet_jax.models.batchnorm_folding``; on CPU the fused C++ kernels) against
+   the same reference output, and against our plain model's output ("folded vs ours").
 
 NanoDet-Plus: NanoDet's model always has the training-only AGM (``aux_fpn``, ``aux_head``).
 Parity runs on our *inference* model (built without them, as the predictor and the ONNX
@@ -196,7 +197,9 @@ def check_file(ref, yml: str, rel_name: str, size: int) -> dict:
     row["parity"] = rel(ours_out, ref_out) if row["shape_ok"] else float("inf")
     # What Predictor runs: BatchNorm folded into the convolutions (batchnorm_folding.py).
     folded, row["folds"] = fold_batchnorm(ours)
-    row["folded"] = rel(np.asarray(folded(x_nhwc)), ref_out) if row["shape_ok"] else float("inf")
+    folded_out = np.asarray(folded(x_nhwc))
+    row["folded"] = rel(folded_out, ref_out) if row["shape_ok"] else float("inf")
+    row["folded_vs_ours"] = rel(folded_out, ours_out)  # the optimised path against the plain
     if row["shape_ok"]:
         row |= onnx_columns(ours, config, x, ours_out, ref_out)
 
@@ -231,7 +234,7 @@ def format_row(r: dict) -> str:
     if r.get("strict") and not r.get("values_equal"):
         strict = "ok, values differ"
     parity = "shape!" if not r.get("shape_ok", True) else f"{r['parity']:.1e}"
-    folded = f"{r['folded']:.1e} ({r['folds']})"
+    folded = f"{r['folded']:.1e} ({r['folds']}) | {r['folded_vs_ours']:.1e}"
     return (
         f"| {r['file']} | {r['model']} | {r['size']} | {parity} | {folded} | {r['ref_max']:.1f} | "
         f"{r['scale']:.2g} | {r['noise']:.1e} | {format_onnx(r)} | "
@@ -268,6 +271,7 @@ def main(argv: list[str] | None = None) -> int:
         "input",
         "parity",
         "BN folded (folds)",
+        "folded vs ours",
         "max abs ref",
         "head scale",
         "ref noise",
@@ -294,6 +298,7 @@ def main(argv: list[str] | None = None) -> int:
             not row["shape_ok"]
             or row["parity"] > args.tol
             or row["folded"] > args.tol
+            or row["folded_vs_ours"] > args.tol
             or not row["strict"]
             or not row["values_equal"]
             or row["round_trip"] > 1e-6
