@@ -21,6 +21,7 @@ from jax import lax
 
 from nanodet_jax.models.norm import build_norm
 from nanodet_jax.ops import (
+    conv1x1,
     conv3x3,
     depthwise_conv2d,
     depthwise_conv2d_bias_act,
@@ -205,6 +206,8 @@ class Conv2d(nnx.Module):
             y = depthwise_conv2d(x, kernel, self.stride, self.padding)
         elif self.groups == 1 and kernel.shape[:2] == (3, 3) and self.stride == self.padding == 1:
             y = conv3x3(x, kernel)  # the aux head's layers: Winograd on CPU
+        elif self.groups == 1 and self.kernel_size == 1 and self.stride == 1 and not self.padding:
+            y = conv1x1(x, kernel)  # XLA's, with a C++ weight gradient on CPU
         else:
             if self.groups == 1 and x.shape[-1] < 4:
                 # XLA:CPU's convolution is ~7x slower with 3 input channels (the RGB

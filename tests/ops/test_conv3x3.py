@@ -121,6 +121,19 @@ def test_sharded_batch_and_fallback(ffi_ok: bool, tmp_path: Path) -> None:
         assert "all-gather" not in hlo and "f32[2,9,10,40]" in hlo, hlo[-3000:]
         assert "nanodet_winograd_conv3x3" in hlo
         assert "nanodet_winograd_conv3x3_weight_grad" in hlo and "all-reduce" in hlo
+        # The training 1x1 convolution's C++ weight gradient, per shard and summed.
+        from nanodet_jax.ops import conv1x1
+        k1 = jnp.asarray(rng.standard_normal((1, 1, 40, 24)) * 0.1, jnp.float32)
+        def loss1(x, k):
+            y = conv1x1(jnp.tanh(x), k, impl="ffi")
+            return jnp.sum(jnp.sin(y)), y
+        f = jax.value_and_grad(loss1, argnums=(0, 1), has_aux=True)
+        split = jax.jit(f, in_shardings=(data, rep), out_shardings=((rep, data), (data, rep)))
+        for a, b in zip(jax.tree.leaves(split(x, k1)), jax.tree.leaves(jax.jit(f)(x, k1))):
+            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-4)
+        hlo = split.lower(x, k1).compile().as_text()
+        assert "all-gather" not in hlo and "nanodet_pointwise_weight_grad" in hlo
+        assert "all-reduce" in hlo
         print("OK")
     """
     fallback = """

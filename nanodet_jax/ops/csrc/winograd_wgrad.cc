@@ -20,6 +20,7 @@
 #include <vector>
 
 #include "common.h"
+#include "gemm.h"
 #include "winograd.h"
 
 namespace {
@@ -29,42 +30,19 @@ using namespace nanodet_winograd;  // NOLINT: kNR, kMR, Geometry, InputTransform
 
 constexpr int64_t kWTB = 64;  // tiles per block (the GEMMs' reduction length per pass)
 
-// acc[MR x kNR] (+)= v[nt x MR]^T z[nt x kNR]: v rows at stride ldv, z rows contiguous,
-// acc rows contiguous. kFirst: overwrite (a worker's first block), so that the
-// accumulators need no zeroing.
-template <int MR, bool kFirst>
-inline void AccKernel(const float* v, int64_t ldv, const float* z, int64_t nt, float* acc) {
-  Vec a0[MR], a1[MR];
-#pragma GCC unroll 16
-  for (int r = 0; r < MR; ++r) {
-    a0[r] = kFirst ? Vec{} : Load(acc + r * kNR);
-    a1[r] = kFirst ? Vec{} : Load(acc + r * kNR + kLanes);
-  }
-  for (int64_t t = 0; t < nt; ++t) {
-    const Vec b0 = Load(z + t * kNR), b1 = Load(z + t * kNR + kLanes);
-#pragma GCC unroll 16
-    for (int r = 0; r < MR; ++r) {
-      const float s = v[t * ldv + r];
-      a0[r] += s * b0;
-      a1[r] += s * b1;
-    }
-  }
-#pragma GCC unroll 16
-  for (int r = 0; r < MR; ++r) {
-    Store(acc + r * kNR, a0[r]);
-    Store(acc + r * kNR + kLanes, a1[r]);
-  }
-}
-
 // All Cp rows: kMR-row register tiles, then 4-row and single-row ones for the remainder
 // (with AVX-512, Cp a multiple of 16 and kMR = 12, the remainder is 0, 4 or 8 rows).
 template <bool kFirst>
 inline void AccRows(const float* v, int64_t ldv, const float* z, int64_t nt, float* acc,
                     int64_t rows) {
   int64_t r = 0;
-  for (; r + kMR <= rows; r += kMR) AccKernel<kMR, kFirst>(v + r, ldv, z, nt, acc + r * kNR);
-  for (; r + 4 <= rows; r += 4) AccKernel<4, kFirst>(v + r, ldv, z, nt, acc + r * kNR);
-  for (; r < rows; ++r) AccKernel<1, kFirst>(v + r, ldv, z, nt, acc + r * kNR);
+  for (; r + kMR <= rows; r += kMR) {
+    AccKernel<kMR, kFirst, false>(v + r, ldv, z, kNR, nt, acc + r * kNR);
+  }
+  for (; r + 4 <= rows; r += 4) {
+    AccKernel<4, kFirst, false>(v + r, ldv, z, kNR, nt, acc + r * kNR);
+  }
+  for (; r < rows; ++r) AccKernel<1, kFirst, false>(v + r, ldv, z, kNR, nt, acc + r * kNR);
 }
 
 // Accumulator buffers kept between calls: fresh multi-megabyte allocations cost a page
