@@ -14,8 +14,7 @@ Reports, in one run:
   plumbing; on a multi-GPU host it measures the scaling);
 * the input pipeline's images/s (decode + warp + batch; ``--data`` COCO folder, else a
   generated synthetic dataset).
-Each figure is the median of ``--repeats`` timed runs after a warm-up, ours and the
-reference's steps taking turns within every repeat.
+Each figure is the median of ``--repeats`` timed runs after a warm-up.
 """
 
 from __future__ import annotations
@@ -29,7 +28,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from common import (
-    interleaved_medians,
     load_reference_or_none,
     machine_summary,
     markdown_table,
@@ -87,12 +85,8 @@ def train_setup(config, batch: int, mesh=None, slots: int = SLOTS, total_steps: 
     return trainer.jit_train_step(graphdef, tx, config, mesh, phase="joint"), state, data
 
 
-def our_step(config, batch: int, repeats: int, mesh=None, others=None) -> dict[str, float]:
-    """Our step on ``mesh`` (default: the first device), as ``train.py`` compiles it;
-    ``others`` (name -> closure, e.g. the reference's steps) are timed taking turns with
-    ours within every repeat, so that a busy spell, or the threads one library leaves
-    spinning after its step, hits all of them alike (measured: timed one after the
-    other, our batch-32 step read 4.68 img/s after PyTorch's batch-16 runs and 6.33 alone)."""
+def our_step(config, batch: int, repeats: int, mesh=None) -> dict[str, float]:
+    """Our step on ``mesh`` (default: the first device), as ``train.py`` compiles it."""
     step, state, data = train_setup(config, batch, mesh)
     rng = np.random.default_rng(1)
     start = time.perf_counter()
@@ -105,8 +99,7 @@ def our_step(config, batch: int, repeats: int, mesh=None, others=None) -> dict[s
         state, m = step(state, data)
         jax.block_until_ready(m)
 
-    times = interleaved_medians({"step": run, **(others or {})}, repeats, warmup=1)
-    step_s = times.pop("step")
+    step_s = median_seconds(run, repeats, warmup=1)
 
     # The assigner alone on the same shapes (aux-head-like random predictions).
     num_classes, reg_max = 80, 7
@@ -124,7 +117,7 @@ def our_step(config, batch: int, repeats: int, mesh=None, others=None) -> dict[s
     fn = jax.jit(assign_only)
     args = (raw, decoded, data["gt_boxes"], data["gt_labels"], data["gt_mask"])
     assign_s = median_seconds(lambda: jax.block_until_ready(fn(*args)), repeats)
-    return {"step": step_s, "compile": compile_s, "assigner": assign_s, **times}
+    return {"step": step_s, "compile": compile_s, "assigner": assign_s}
 
 
 def torch_train_run(ref, config, batch: int, layout: str = "NCHW", cuda: bool = False,
@@ -166,13 +159,14 @@ def torch_train_run(ref, config, batch: int, layout: str = "NCHW", cuda: bool = 
     return run
 
 
-def torch_steps(ref, config, batch: int) -> dict:
-    """The reference's step closures, NCHW and channels-last (on CUDA when JAX is on GPU)."""
+def torch_step(ref, config, batch: int, repeats: int) -> dict[str, float]:
     import torch
 
     cuda = torch.cuda.is_available() and jax.default_backend() == "gpu"
     return {
-        f"torch {layout}": torch_train_run(ref, config, batch, layout, cuda)
+        f"torch {layout}": median_seconds(
+            torch_train_run(ref, config, batch, layout, cuda), repeats, warmup=1
+        )
         for layout in ("NCHW", "channels_last")
     }
 
@@ -218,9 +212,8 @@ def main() -> None:
     )
     rows, results, device_rows = [], {}, []
     for batch in args.batches:
-        others = torch_steps(ref, config, batch) if ref else {}
-        ours = our_step(config, batch, args.repeats, others=others)
-        theirs = {name: ours.pop(name) for name in others}
+        ours = our_step(config, batch, args.repeats)
+        theirs = torch_step(ref, config, batch, args.repeats) if ref else {}
         results[batch] = {**ours, **theirs}
         if jax.device_count() > 1 and batch % jax.device_count() == 0:
             # The same global batch split over all devices (train.py's mesh).
