@@ -18,8 +18,6 @@ XLA's by ~1e-6 relative (tests/ops/test_conv1x1.py).
 
 from __future__ import annotations
 
-import os
-
 import jax
 import jax.numpy as jnp
 from jax import lax
@@ -85,17 +83,10 @@ def conv1x1(x: jax.Array, kernel: jax.Array, *, impl: str | None = None) -> jax.
     Returns:
       [N, H, W, K] in the dtype of ``x``.
     """
-    choice = impl or os.environ.get(ENV_VAR, "auto") or "auto"
-    if choice not in IMPLS:
-        raise ValueError(f"conv1x1 implementation must be one of {IMPLS}, got {choice!r}")
     if x.ndim != 4 or kernel.shape[:3] != (1, 1, x.shape[-1]):
         raise ValueError(f"expected x [N, H, W, C] and kernel [1, 1, C, K], got "
                          f"{x.shape} and {kernel.shape}")  # fmt: skip
-    if choice == "ffi" and not ffi_build.load():
-        raise RuntimeError(f"{ENV_VAR}=ffi but the C++ kernels could not be built")
-    use_ffi = choice == "ffi" or (
-        choice == "auto" and jax.default_backend() == "cpu" and ffi_build.load()
-    )
+    use_ffi = ffi_build.wants_kernels(impl, ENV_VAR, IMPLS)
     # bfloat16 training keeps XLA's own gradient (the kernel is float32-only), as float64.
     if not use_ffi or x.dtype != jnp.float32:
         return conv1x1_lax(x, kernel)

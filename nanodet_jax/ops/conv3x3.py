@@ -20,8 +20,6 @@ computes a partial [3, 3, C, K] gradient and the shards' parts are summed (``psu
 
 from __future__ import annotations
 
-import os
-
 import jax
 import jax.numpy as jnp
 from jax import lax
@@ -127,18 +125,11 @@ def conv3x3(x: jax.Array, kernel: jax.Array, *, impl: str | None = None) -> jax.
     Returns:
       [N, H, W, K] in the dtype of ``x``.
     """
-    choice = impl or os.environ.get(ENV_VAR, "auto") or "auto"
-    if choice not in IMPLS:
-        raise ValueError(f"conv3x3 implementation must be one of {IMPLS}, got {choice!r}")
     if x.ndim != 4 or kernel.shape[:3] != (3, 3, x.shape[-1]):
         raise ValueError(f"expected x [N, H, W, C] and kernel [3, 3, C, K], got "
                          f"{x.shape} and {kernel.shape}")  # fmt: skip
-    if choice == "ffi" and not ffi_build.load():
-        raise RuntimeError(f"{ENV_VAR}=ffi but the C++ kernels could not be built")
     # Only pay for building the kernels when CPU is the default backend (as depthwise).
-    use_ffi = choice == "ffi" or (
-        choice == "auto" and jax.default_backend() == "cpu" and ffi_build.load()
-    )
+    use_ffi = ffi_build.wants_kernels(impl, ENV_VAR, IMPLS)
     if not use_ffi or x.dtype == jnp.float64:  # Winograd is float32-only
         return conv3x3_lax(x, kernel)
     return lax.platform_dependent(x, kernel, cpu=conv3x3_winograd, default=conv3x3_lax)

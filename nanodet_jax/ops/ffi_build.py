@@ -170,3 +170,18 @@ def library() -> ctypes.CDLL:
     if not load():
         raise RuntimeError("the C++ FFI kernels could not be built (see the warning above)")
     return _state["lib"]
+
+
+def wants_kernels(
+    impl: str | None, env_var: str, impls: tuple[str, ...] = ("auto", "ffi", "lax")
+) -> bool:
+    """Whether an op picked by ``impl`` (else ``$env_var``, else ``auto``) runs its C++
+    kernel: ``ffi`` always (raising if the kernels cannot be built), ``auto`` when CPU is
+    the default backend and they build (only then is building them worth its time),
+    anything else never. An unknown choice is a ValueError naming the choices."""
+    choice = impl or os.environ.get(env_var, "auto") or "auto"
+    if choice not in impls:
+        raise ValueError(f"{env_var} must be one of {impls}, got {choice!r}")
+    if choice == "ffi" and not load():
+        raise RuntimeError(f"{env_var}=ffi but the C++ kernels could not be built")
+    return choice == "ffi" or (choice == "auto" and jax.default_backend() == "cpu" and load())

@@ -27,7 +27,6 @@ after the kernel.
 from __future__ import annotations
 
 import functools
-import os
 from collections.abc import Callable
 
 import jax
@@ -89,15 +88,7 @@ def max_pool_3x3_s2_lax(x: jax.Array) -> jax.Array:
 
 
 def _use_ffi(impl: str | None, x: jax.Array) -> bool:
-    choice = impl or os.environ.get(ENV_VAR, "auto") or "auto"
-    if choice not in IMPLS:
-        raise ValueError(f"fused conv implementation must be one of {IMPLS}, got {choice!r}")
-    if choice == "ffi" and not ffi_build.load():
-        raise RuntimeError(f"{ENV_VAR}=ffi but the C++ kernels could not be built")
-    use = choice == "ffi" or (
-        choice == "auto" and jax.default_backend() == "cpu" and ffi_build.load()
-    )
-    return use and x.dtype != jnp.float64
+    return ffi_build.wants_kernels(impl, ENV_VAR, IMPLS) and x.dtype != jnp.float64
 
 
 def _fused(

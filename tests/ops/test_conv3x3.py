@@ -75,7 +75,7 @@ def test_program_uses_kernel_and_env_var(monkeypatch: pytest.MonkeyPatch, ffi_ok
     assert "nanodet_winograd_conv3x3" in hlo()
     assert "nanodet_winograd_conv3x3_weight_grad" in grad_hlo()
     monkeypatch.setenv(ENV_VAR, "bogus")
-    with pytest.raises(ValueError, match="conv3x3 implementation"):
+    with pytest.raises(ValueError, match="NANODET_JAX_CONV3X3 must be one of"):
         hlo()
     monkeypatch.setenv(ENV_VAR, "auto")
     with pytest.raises(ValueError, match="kernel"):
