@@ -9,7 +9,6 @@ only where NHWC requires it: conv kernels are HWIO here, OIHW in PyTorch.
 
 from __future__ import annotations
 
-import functools
 import math
 from collections.abc import Callable, Sequence
 
@@ -29,6 +28,7 @@ from nanodet_jax.ops import (
     stem_conv_bias_act,
 )
 from nanodet_jax.ops.fused_conv import STEM_MAX_CHANNELS
+from nanodet_jax.ops.pooling import max_pool_3x3_s2  # noqa: F401 - the models' import point
 
 Initializer = Callable[[jax.Array, tuple[int, ...], jnp.dtype], jax.Array]
 
@@ -366,55 +366,6 @@ def upsample_bilinear_2x(x: jax.Array) -> jax.Array:
 
 def upsample_nearest_2x(x: jax.Array) -> jax.Array:
     return jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
-
-
-def _pool_taps(xp: jax.Array, out_hw: tuple[int, int]) -> list[jax.Array]:
-    """The 9 stride-2 windows' taps of a padded input, in PyTorch's row-major scan order."""
-    b, _, _, c = xp.shape
-    ho, wo = out_hw
-    return [
-        lax.slice(xp, (0, i, j, 0), (b, i + 2 * ho - 1, j + 2 * wo - 1, c), (1, 2, 2, 1))
-        for i in range(3)
-        for j in range(3)
-    ]
-
-
-@jax.custom_vjp
-def max_pool_3x3_s2(x: jax.Array) -> jax.Array:
-    """``nn.MaxPool2d(kernel_size=3, stride=2, padding=1)`` (padding never wins the max).
-
-    The gradient goes to the *first* maximum of each window in row-major order, as
-    PyTorch's kernel does. XLA's own gradient of ``reduce_window`` (select-and-scatter)
-    is ~6x slower on CPU than this tap-wise backward. The forward is the maximum of the
-    9 taps too, one fused loop: XLA:CPU's ``reduce_window`` took 1.8x its time (0.78 vs
-    1.4 ms on ShuffleNetV2's 160x160x24 stem output, one thread).
-    """
-    xp = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)), constant_values=-jnp.inf)
-    out_hw = ((x.shape[1] + 1) // 2, (x.shape[2] + 1) // 2)
-    return functools.reduce(jnp.maximum, _pool_taps(xp, out_hw))
-
-
-def _max_pool_fwd(x):
-    y = max_pool_3x3_s2(x)
-    return y, (x, y)
-
-
-def _max_pool_bwd(res, g):
-    x, y = res
-    xp = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)), constant_values=-jnp.inf)
-    claimed = jnp.zeros(y.shape, bool)
-    tap_grads = []
-    for tap in _pool_taps(xp, y.shape[1:3]):
-        hit = (tap == y) & ~claimed  # first maximum in scan order takes the gradient
-        claimed = claimed | hit
-        tap_grads.append(jnp.where(hit, g, jnp.zeros_like(g)))
-    # The tap extraction is linear: its transpose scatters the taps back into place.
-    _, taps_vjp = jax.vjp(lambda v: _pool_taps(v, y.shape[1:3]), xp)
-    (dxp,) = taps_vjp(tap_grads)
-    return (dxp[:, 1:-1, 1:-1, :],)
-
-
-max_pool_3x3_s2.defvjp(_max_pool_fwd, _max_pool_bwd)
 
 
 def interleave_channels(a: jax.Array, b: jax.Array) -> jax.Array:

@@ -37,6 +37,7 @@ from jax import lax
 from nanodet_jax.ops import ffi_build
 from nanodet_jax.ops.depthwise_xla import RawOp, batch_parallel, batchable, out_size
 from nanodet_jax.ops.epilogue import EPILOGUE_ACTIVATIONS, LEAKY_RELU_SLOPE
+from nanodet_jax.ops.pooling import max_pool_3x3_s2
 
 ENV_VAR = "NANODET_JAX_FUSED_CONV"
 IMPLS = ("auto", "ffi", "lax")
@@ -81,12 +82,6 @@ def _op(target: str, activation: int, max_pool: bool, channel_offset: int) -> Ra
     return batch_parallel(call, reduce_batch=False, dense=True)
 
 
-def max_pool_3x3_s2_lax(x: jax.Array) -> jax.Array:
-    """``nn.MaxPool2d(3, 2, padding=1)`` on NHWC (padding never wins)."""
-    pad = ((0, 0), (1, 1), (1, 1), (0, 0))
-    return lax.reduce_window(x, -jnp.inf, lax.max, (1, 3, 3, 1), (1, 2, 2, 1), pad)
-
-
 def _use_ffi(impl: str | None, x: jax.Array) -> bool:
     return ffi_build.wants_kernels(impl, ENV_VAR, IMPLS) and x.dtype != jnp.float64
 
@@ -120,7 +115,7 @@ def _fused(
             dimension_numbers=("NHWC", "HWIO", "NHWC"),
         )
         y = activation_fn(y + bias.astype(y.dtype))
-        return max_pool_3x3_s2_lax(y) if max_pool else y
+        return max_pool_3x3_s2(y) if max_pool else y
 
     _split(wb, c, r)  # a clear error for a wrong layout, before any kernel
     if not _use_ffi(impl, x):
@@ -140,7 +135,7 @@ def _fused(
             x.astype(jnp.float32), wb.astype(jnp.float32)
         ).astype(x.dtype)
         y = y if fused_act == activation else activation_fn(y)
-        return max_pool_3x3_s2_lax(y) if max_pool and not fused_pool else y
+        return max_pool_3x3_s2(y) if max_pool and not fused_pool else y
 
     return lax.platform_dependent(x, wb, cpu=cpu, default=unfused)
 

@@ -100,11 +100,11 @@ def test_stem(ffi_ok: bool, act: str | None) -> None:
 @pytest.mark.parametrize("hw", [(17, 12), (9, 9), (4, 5), (1, 1)])
 def test_stem_with_max_pool(ffi_ok: bool, hw: tuple[int, int]) -> None:
     # ShuffleNetV2's conv1 + ReLU + MaxPool2d(3, 2, 1) in one kernel: odd / even / tiny sizes.
-    from nanodet_jax.ops.fused_conv import max_pool_3x3_s2_lax
+    from nanodet_jax.ops.pooling import max_pool_3x3_s2
 
     x, kernel, bias = _data(2, *hw, 3, 3, 24, seed=2)
     relu = ACTIVATIONS["ReLU"]
-    want = max_pool_3x3_s2_lax(_reference(x, kernel, bias, 2, 1, relu))
+    want = max_pool_3x3_s2(_reference(x, kernel, bias, 2, 1, relu))
     wb = fused_dense_weights(kernel, bias)
     for impl in ("ffi", "lax"):
         got = jax.jit(
