@@ -5,10 +5,10 @@
 // XLA computes it as a convolution with the batch as its feature dimension and first
 // transposes both activations into that layout; those transposes were ~8% of a
 // NanoDet-Plus training step (docs/benchmarks.md). Here the activations are read as they
-// are: pixels in blocks of kPB, handed to workers; per block and output panel, the
-// accumulating micro-kernel of gemm.h adds x_block^T g_block into the worker's own
-// [C x Kp] accumulator (panel-major, so a register tile is one contiguous run). At the
-// end the workers' accumulators are summed into dw [1, 1, C, K].
+// are: pixels in blocks of kPB, fixed runs of blocks per chunk; per block and output
+// panel, the accumulating micro-kernel of gemm.h adds x_block^T g_block into the chunk's
+// own [C x Kp] accumulator (panel-major, so a register tile is one contiguous run). At
+// the end the chunks' accumulators are summed, in chunk order, into dw [1, 1, C, K].
 #include <algorithm>
 #include <cstdint>
 #include <vector>
@@ -62,18 +62,23 @@ void WeightGrad(ffi::ThreadPool* pool, const float* x, const float* g, int64_t P
   const int64_t acc_size = npanels * C * kNR;
   const int workers = NumWorkers(pool);
   const int64_t nblocks = (P + kPB - 1) / kPB;
-  // ParallelFor hands out worker ids 0 .. min(workers, chunks) - 1; one accumulator each.
-  const int nacc = static_cast<int>(std::min<int64_t>(workers, nblocks));
-  std::vector<float> acc(nacc * acc_size, 0.0f);
-  ParallelFor(pool, nacc, nblocks, [&](int wid, int64_t block) {
-    const int64_t p0 = block * kPB, np = std::min(kPB, P - p0);
-    AccumulateBlock(x + p0 * C, g + p0 * K, np, C, K, acc.data() + wid * acc_size);
+  // One accumulator per *chunk*, a fixed run of blocks, summed in chunk order: which
+  // thread runs a chunk varies from call to call, the result must not (training resumes
+  // bit-exactly).
+  const int64_t nchunks = NumChunks(nblocks, kPB * C * K, workers);
+  std::vector<float> acc(nchunks * acc_size, 0.0f);
+  ParallelFor(pool, workers, nchunks, [&](int, int64_t chunk) {
+    float* a = acc.data() + chunk * acc_size;
+    for (int64_t b = nblocks * chunk / nchunks; b < nblocks * (chunk + 1) / nchunks; ++b) {
+      const int64_t p0 = b * kPB, np = std::min(kPB, P - p0);
+      AccumulateBlock(x + p0 * C, g + p0 * K, np, C, K, a);
+    }
   });
   for (int64_t c = 0; c < C; ++c) {
     for (int64_t k = 0; k < K; ++k) {
       const int64_t at = ((k / kNR) * C + c) * kNR + k % kNR;
       float s = 0.0f;
-      for (int w = 0; w < nacc; ++w) s += acc[w * acc_size + at];
+      for (int64_t w = 0; w < nchunks; ++w) s += acc[w * acc_size + at];
       dw[c * K + k] = s;
     }
   }

@@ -10,10 +10,10 @@
 //
 // Tiles are processed in blocks of kWTB: a block's V and Z are transformed into
 // thread-local buffers, then a register-tiled micro-kernel adds V_ab^T Z_ab into the
-// worker's own accumulator M (16 x Cp x Kp, in panels of kNR output channels so that a
+// accumulator M of its chunk (a fixed run of blocks) (16 x Cp x Kp, in panels of kNR output channels so that a
 // kMR x kNR register tile is one contiguous run). A long block amortises loading and
-// storing the accumulator tile over many FMAs. At the end the workers' accumulators are
-// summed and transformed by G^T . G into dW [3, 3, C, K].
+// storing the accumulator tile over many FMAs. At the end the chunks' accumulators are
+// summed in chunk order and transformed by G^T . G into dW [3, 3, C, K].
 #include <algorithm>
 #include <cstdint>
 #include <mutex>
@@ -121,7 +121,7 @@ void GradTransform(const Geometry& g, const float* gy, int64_t t0, int64_t tb, f
 }
 
 // dw[u][v][c][:] = (G^T m G)[u][v] for the accumulator rows c0 .. c1 - 1, summed over
-// the workers' accumulators; G^T = [1 .5 .5 0; 0 .5 -.5 0; 0 .5 .5 1].
+// the chunks' accumulators; G^T = [1 .5 .5 0; 0 .5 -.5 0; 0 .5 .5 1].
 void WeightTransform(const Geometry& g, const float* const* accs, int nacc, int64_t c0,
                      int64_t c1, float* dw) {
   const int64_t npanels = g.Kp / kNR;
@@ -167,42 +167,41 @@ void WeightGrad(ffi::ThreadPool* pool, const Geometry& g, const float* x, const 
   }
   const int64_t tb = (g.T + nblocks - 1) / nblocks;
   nblocks = (g.T + tb - 1) / tb;
-  // ParallelFor hands out worker ids 0 .. min(workers, chunks) - 1; one accumulator each.
-  const int nacc = static_cast<int>(std::min<int64_t>(workers, nblocks));
+  // One accumulator per *chunk*, a fixed run of blocks (a chunk's first block stores, so
+  // nothing needs zeroing), summed in chunk order: which thread runs a chunk varies from
+  // call to call, the result must not (training resumes bit-exactly).
+  const int64_t nacc = std::min<int64_t>(workers, nblocks);
   const int64_t acc_size = 16 * g.Cp * g.Kp;
   static BufferPool buffers;
   std::vector<float> acc = buffers.Take(nacc * acc_size);
-  std::vector<char> started(nacc, 0);  // per worker: has it written its accumulator yet
-  ParallelFor(pool, nacc, nblocks, [&](int wid, int64_t block) {
+  ParallelFor(pool, workers, nacc, [&](int, int64_t chunk) {
     thread_local std::vector<float> vbuf, zbuf;
     vbuf.resize(16 * tb * g.Cp);
     zbuf.resize(16 * tb * g.Kp);
     float* V = vbuf.data();
     float* Z = zbuf.data();
-    const int64_t t0 = block * tb;
-    InputTransform(g, x, t0, tb, V);
-    GradTransform(g, gy, t0, tb, Z);
-    float* M = acc.data() + wid * acc_size;
-    const bool first = !started[wid];
-    started[wid] = 1;
-    for (int ab = 0; ab < 16; ++ab) {
-      for (int64_t p = 0; p < npanels; ++p) {
-        const float* v = V + ab * tb * g.Cp;
-        const float* z = Z + (ab * npanels + p) * tb * kNR;
-        float* m = M + (ab * npanels + p) * g.Cp * kNR;
-        if (first) {
-          AccRows<true>(v, g.Cp, z, tb, m, g.Cp);
-        } else {
-          AccRows<false>(v, g.Cp, z, tb, m, g.Cp);
+    float* M = acc.data() + chunk * acc_size;
+    const int64_t b0 = nblocks * chunk / nacc, b1 = nblocks * (chunk + 1) / nacc;
+    for (int64_t block = b0; block < b1; ++block) {
+      const int64_t t0 = block * tb;
+      InputTransform(g, x, t0, tb, V);
+      GradTransform(g, gy, t0, tb, Z);
+      for (int ab = 0; ab < 16; ++ab) {
+        for (int64_t p = 0; p < npanels; ++p) {
+          const float* v = V + ab * tb * g.Cp;
+          const float* z = Z + (ab * npanels + p) * tb * kNR;
+          float* m = M + (ab * npanels + p) * g.Cp * kNR;
+          if (block == b0) {
+            AccRows<true>(v, g.Cp, z, tb, m, g.Cp);
+          } else {
+            AccRows<false>(v, g.Cp, z, tb, m, g.Cp);
+          }
         }
       }
     }
   });
-  // A pool task that started after all blocks were taken wrote nothing: skip its buffer.
   std::vector<const float*> used;
-  for (int w = 0; w < nacc; ++w) {
-    if (started[w]) used.push_back(acc.data() + w * acc_size);
-  }
+  for (int64_t w = 0; w < nacc; ++w) used.push_back(acc.data() + w * acc_size);
   const int nused = static_cast<int>(used.size());
   // Rows of dW in parallel: each reads all accumulators (16 x nused x K floats per row).
   const int64_t chunks = NumChunks(g.C, 16 * nused * g.K, workers);
