@@ -162,7 +162,7 @@ def _read_split_in_place(module: Any) -> None:
     if getattr(module, "stride", 1) != 1 or not isinstance(seq, Sequential) or not len(seq):
         return
     conv = seq[0]
-    if isinstance(conv, Conv2d) and conv.fuse_epilogue and conv.kernel_size == 1:
+    if isinstance(conv, Conv2d) and conv.fuse_epilogue and conv.pointwise:
         conv.input_channel_offset = conv.weight.shape[2] - 1  # its C: the first half's size
 
 
@@ -197,6 +197,5 @@ def fold_batchnorm(model: nnx.Module) -> tuple[nnx.Module, int]:
     # get the bias epilogue too; what follows them stays as it is.
     for _, conv in nnx.iter_modules(folded):
         if isinstance(conv, Conv2d) and not conv.fuse_epilogue and conv.bias is not None:
-            if conv.fusable_epilogue:
-                _fuse_epilogue(None, conv, None)
+            _fuse_epilogue(None, conv, None)  # returns at once unless fusable_epilogue
     return folded, count

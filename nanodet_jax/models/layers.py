@@ -176,15 +176,19 @@ class Conv2d(nnx.Module):
         self.input_channel_offset = 0  # a fused 1x1 reading channels offset.. of its input
 
     @property
+    def pointwise(self) -> bool:
+        """A dense 1x1 convolution with stride 1 and no padding (a dot over channels)."""
+        return self.groups == 1 and self.kernel_size == 1 and self.stride == 1 and not self.padding
+
+    @property
     def fusable_epilogue(self) -> bool:
         """One the fused inference kernels run: depthwise, stride-1 1x1, or a stem (few
         input channels)."""
-        if self.depthwise:
+        if self.depthwise or self.pointwise:
             return True
-        if self.groups != 1:
-            return False
-        pointwise = self.kernel_size == 1 and self.stride == 1 and self.padding == 0
-        return pointwise or (self.weight.shape[2] <= STEM_MAX_CHANNELS and self.kernel_size <= 7)
+        return (
+            self.groups == 1 and self.weight.shape[2] <= STEM_MAX_CHANNELS and self.kernel_size <= 7
+        )
 
     def __call__(self, x: jax.Array) -> jax.Array:
         if self.fuse_epilogue:
@@ -193,7 +197,7 @@ class Conv2d(nnx.Module):
                 return depthwise_conv2d_bias_act(
                     x, wb, self.stride, self.padding, self.activation, act
                 )
-            if self.kernel_size == 1 and self.stride == 1 and self.padding == 0:
+            if self.pointwise:
                 return pointwise_conv_bias_act(
                     x, wb, self.activation, act, channel_offset=self.input_channel_offset
                 )
@@ -206,7 +210,7 @@ class Conv2d(nnx.Module):
             y = depthwise_conv2d(x, kernel, self.stride, self.padding)
         elif self.groups == 1 and kernel.shape[:2] == (3, 3) and self.stride == self.padding == 1:
             y = conv3x3(x, kernel)  # the aux head's layers: Winograd on CPU
-        elif self.groups == 1 and self.kernel_size == 1 and self.stride == 1 and not self.padding:
+        elif self.pointwise:
             y = conv1x1(x, kernel)  # XLA's, with a C++ weight gradient on CPU
         else:
             if self.groups == 1 and x.shape[-1] < 4:

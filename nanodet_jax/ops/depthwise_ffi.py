@@ -33,14 +33,16 @@ _TARGET_FUSED = "nanodet_depthwise_fwd_fused"
 MAX_KERNEL = 7  # largest K the C++ kernels accept (fast paths for K in {1, 3, 5})
 
 
-def _raw(target: str) -> RawOp:
+def _raw(target: str, **attrs: np.generic) -> RawOp:
+    """The call of ``target`` with its stride and padding and any further ``attrs``."""
+
     def call(
         a: jax.Array, b: jax.Array, out_shape: tuple[int, ...], stride: int, padding: int
     ) -> jax.Array:
         ffi = jax.ffi.ffi_call(
             target, jax.ShapeDtypeStruct(out_shape, jnp.float32), vmap_method="sequential"
         )
-        return ffi(a, b, stride=np.int64(stride), padding=np.int64(padding))
+        return ffi(a, b, stride=np.int64(stride), padding=np.int64(padding), **attrs)
 
     return call
 
@@ -70,25 +72,6 @@ def weight_grad(x: jax.Array, g: jax.Array, k: int, stride: int, padding: int) -
     return batchable(_dw_op, shape, stride, padding, fold=False)(x, g)
 
 
-def _raw_fused(activation: int) -> RawOp:
-    def call(
-        a: jax.Array, b: jax.Array, out_shape: tuple[int, ...], stride: int, padding: int
-    ) -> jax.Array:
-        ffi = jax.ffi.ffi_call(
-            _TARGET_FUSED, jax.ShapeDtypeStruct(out_shape, jnp.float32), vmap_method="sequential"
-        )
-        return ffi(
-            a,
-            b,
-            stride=np.int64(stride),
-            padding=np.int64(padding),
-            activation=np.int64(activation),
-            slope=np.float32(LEAKY_RELU_SLOPE),
-        )
-
-    return call
-
-
 def fused_depthwise_weights(kernel: jax.Array, bias: jax.Array) -> jax.Array:
     """[K, K, 1, C] kernel and [C] bias as the fused forward's [K*K + 1, 1, 1, C] operand."""
     k, _, _, c = kernel.shape
@@ -102,8 +85,12 @@ def fused_kernel_size(wb: jax.Array) -> int:
     return k
 
 
+# One op per activation code (a static attribute of the call).
 _fused_ops = {
-    code: batch_parallel(_raw_fused(code), reduce_batch=False)
+    code: batch_parallel(
+        _raw(_TARGET_FUSED, activation=np.int64(code), slope=np.float32(LEAKY_RELU_SLOPE)),
+        reduce_batch=False,
+    )
     for code in sorted(set(EPILOGUE_ACTIVATIONS.values()))
 }
 
