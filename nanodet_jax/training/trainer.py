@@ -23,6 +23,7 @@ import optax
 from flax import nnx, struct
 from jax.sharding import Mesh
 
+from nanodet_jax import precision
 from nanodet_jax.data import canvas_resize, transforms
 from nanodet_jax.data.augment import color_augment_and_normalize
 from nanodet_jax.training import distributed
@@ -100,6 +101,11 @@ def make_train_step(
     decay = float(averager_cfg.decay)
     dtype = compute_dtype(config)
 
+    def run_dtype(param_dtype: jnp.dtype) -> jnp.dtype:
+        # fp32 computes in the master copy's own dtype: float32, or float64 for a float64
+        # state under jax_enable_x64 (the reference runs of the numerical checks).
+        return dtype if dtype != jnp.float32 else precision.compute_dtype(param_dtype)
+
     def step_fn(state: TrainState, batch: Batch) -> tuple[TrainState, dict[str, jax.Array]]:
         images = color_augment_and_normalize(
             batch["images"], batch["color"], mean, std, batch.get("valid_hw")
@@ -109,9 +115,10 @@ def make_train_step(
         targets = {k: batch[k] for k in ("gt_boxes", "gt_labels", "gt_mask")}
 
         def loss_fn(params):
-            compute_params = jax.tree.map(lambda p: p.astype(dtype), params)
+            compute_params = jax.tree.map(lambda p: p.astype(run_dtype(p.dtype)), params)
             model = nnx.merge(graphdef, compute_params, state.model_state, copy=True)
-            total, terms = model.loss(images.astype(dtype), targets, phase)
+            image_dtype = run_dtype(jax.tree.leaves(params)[0].dtype)
+            total, terms = model.loss(images.astype(image_dtype), targets, phase)
             new_model_state = nnx.state(model, nnx.Not(nnx.Param))
             return total, (terms, new_model_state)
 
