@@ -1,4 +1,4 @@
-"""Detect objects with an exported NanoDet-Plus ``.onnx``: NumPy + onnxruntime + OpenCV only.
+"""Detect objects with an exported NanoDet ``.onnx``: NumPy + onnxruntime + OpenCV only.
 
     nanodet-export --config configs/nanodet_plus_m_416.py \
         --torch-weights nanodet-plus-m_416.pth --out m416.onnx     # also writes m416.json
@@ -20,8 +20,10 @@ Decoding the output ``[B, num_priors, num_classes + 4 * (reg_max + 1)]``: the fi
 ``num_classes`` columns are class probabilities; the rest are, per side (left, top, right,
 bottom), ``reg_max + 1`` logits of a distribution over distances 0..reg_max in units of
 the prior's stride: softmax, expected value, times stride, measured from the prior at
-the top-left corner ``(x * stride, y * stride)`` of its cell (levels in stride order,
-each row-major).
+``((x + prior_offset) * stride, (y + prior_offset) * stride)``: the top-left corner of
+its cell for NanoDet-Plus (offset 0), the centre for legacy NanoDet's GFLHead and
+NanoDetHead (0.5); levels in stride order, each row-major. (FCOS exports carry no
+sidecar: torchvision's own decode applies.)
 """
 
 from __future__ import annotations
@@ -77,20 +79,23 @@ def preprocess(img: np.ndarray, meta: dict) -> tuple[np.ndarray, np.ndarray]:
     return x.transpose(2, 0, 1), matrix
 
 
-def center_priors(canvas_hw: Sequence[int], strides: Sequence[int]) -> np.ndarray:
-    """``[P, 3]`` = (x, y, stride) of every prior, in the output's order."""
+def center_priors(canvas_hw: Sequence[int], strides: Sequence[int], offset: float) -> np.ndarray:
+    """``[P, 3]`` = (x, y, stride) of every prior, in the output's order (float32 steps)."""
     out = []
     for s in strides:
         h, w = -(-canvas_hw[0] // s), -(-canvas_hw[1] // s)
-        ys, xs = np.meshgrid(np.arange(h) * s, np.arange(w) * s, indexing="ij")
-        out.append(np.stack([xs.ravel(), ys.ravel(), np.full(h * w, s)], 1))
+        cells = [(np.arange(n, dtype=np.float32) + np.float32(offset)) * np.float32(s)
+                 for n in (h, w)]  # fmt: skip
+        ys, xs = np.meshgrid(*cells, indexing="ij")
+        out.append(np.stack([xs.ravel(), ys.ravel(), np.full(h * w, s, np.float32)], 1))
     return np.concatenate(out).astype(np.float32)
 
 
 def decode(output: np.ndarray, meta: dict) -> tuple[np.ndarray, np.ndarray]:
     """One image's output ``[P, C + 4 * (R + 1)]`` -> boxes ``[P, 4]`` on the canvas, scores."""
     c, bins = meta["num_classes"], meta["reg_max"] + 1
-    priors = center_priors(meta["canvas_hw"], meta["strides"])
+    # Sidecars older than the prior_offset field came from NanoDet-Plus only.
+    priors = center_priors(meta["canvas_hw"], meta["strides"], meta.get("prior_offset", 0.0))
     logits = output[:, c:].reshape(-1, 4, bins)
     e = np.exp(logits - logits.max(-1, keepdims=True))
     probs = e / e.sum(-1, keepdims=True)

@@ -7,9 +7,9 @@
 The file's contract (input ``data``, output ``output``, opset 11; FCOS: outputs
 ``cls_logits``, ``bbox_regression``, ``bbox_ctrness``) is described in
 ``nanodet_jax/deploy/onnx_export.py``. ``--dynamic-batch`` makes the batch axis the
-symbolic ``batch`` (one file for any batch size, e.g. TensorRT). NanoDet-Plus exports
-also write ``nanodet-plus-m_416.json`` beside the file: the pre/post-processing numbers
-``tools/onnx_predict.py`` (NumPy + onnxruntime, no JAX) needs.
+symbolic ``batch`` (one file for any batch size, e.g. TensorRT). NanoDet-Plus and legacy
+NanoDet exports also write ``nanodet-plus-m_416.json`` beside the file: the pre/post-
+processing numbers ``tools/onnx_predict.py`` (NumPy + onnxruntime, no JAX) needs.
 """
 
 from __future__ import annotations

@@ -18,10 +18,11 @@ The file is what NanoDet's deploy demos (ncnn, MNN, OpenVINO) load:
   (TensorRT optimisation profiles, batched onnxruntime); the graph's Reshapes copy the
   batch from their input (0) rather than naming it.
 
-A NanoDet-Plus export also writes ``<name>.json`` beside the ``.onnx``
-(:func:`deploy_metadata`): what a host needs to go from an image to detections without
-this package (input size, keep_ratio, mean/std, strides, reg_max, class names, score
-threshold, NMS IoU, top-k); ``tools/onnx_predict.py`` reads it.
+A NanoDet-Plus or legacy NanoDet (OneStageDetector) export also writes ``<name>.json``
+beside the ``.onnx`` (:func:`deploy_metadata`): what a host needs to go from an image to
+detections without this package (input size, keep_ratio, mean/std, strides, reg_max,
+prior offset, class names, score threshold, NMS IoU, top-k); ``tools/onnx_predict.py``
+reads it.
 
 FCOS (``onnx_fcos.py``) takes the same input and returns ``model(images)``'s dict as
 three outputs, ``cls_logits [1, N, C]``, ``bbox_regression [1, N, 4]`` and
@@ -57,7 +58,6 @@ from nanodet_jax.deploy import (
 from nanodet_jax.deploy.onnx_graph import OnnxGraph, Value, onnx
 from nanodet_jax.evaluation.predictor import config_label_names
 from nanodet_jax.models.detectors.base import Detector
-from nanodet_jax.models.detectors.nanodet_plus import NanoDetPlus
 
 OPSET = 11
 INPUT_NAME = "data"
@@ -107,10 +107,11 @@ def sidecar_path(onnx_path: str) -> str:
 
 def deploy_metadata(model: Detector, config: Any, dynamic_batch: bool = False) -> dict | None:
     """What a host-side decoder of the file needs, from the model and the config Predictor
-    reads; None where the host would need more than this (not NanoDet-Plus, whose priors
-    and DFL decode it describes, or a torchvision-style ``data.val.resize`` rule)."""
+    reads; None where the host would need more than this (a detector without
+    ``onnx_decode``, FCOS, or a torchvision-style ``data.val.resize`` rule)."""
     val = config.data.val
-    if not isinstance(model, NanoDetPlus) or val.get("resize") is not None:
+    decode = model.onnx_decode()
+    if decode is None or val.get("resize") is not None:
         return None
     mean, std = (list(map(float, v)) for v in val.pipeline.normalize)
     names = config_label_names(config) or [str(i) for i in range(model.num_classes)]
@@ -124,8 +125,9 @@ def deploy_metadata(model: Detector, config: Any, dynamic_batch: bool = False) -
         "keep_ratio": bool(val.keep_ratio),
         "mean": mean,  # BGR, 0-255 pixels
         "std": std,
-        "strides": [int(s) for s in model.strides],
-        "reg_max": int(model.reg_max),
+        "strides": [int(s) for s in decode["strides"]],
+        "reg_max": int(decode["reg_max"]),
+        "prior_offset": float(decode["prior_offset"]),
         "num_classes": int(model.num_classes),
         "class_names": names,
         "score_thr": float(config.test.score_thr),
@@ -138,8 +140,9 @@ def deploy_metadata(model: Detector, config: Any, dynamic_batch: bool = False) -
 def export_onnx(
     model: Detector, config: Any, path: str, dynamic_batch: bool = False
 ) -> onnx.ModelProto:
-    """Build the graph for ``config``'s input size, check it and save it to ``path``; for
-    NanoDet-Plus also write :func:`deploy_metadata` to :func:`sidecar_path`."""
+    """Build the graph for ``config``'s input size, check it and save it to ``path``; where
+    the detector describes its decoding also write :func:`deploy_metadata` to
+    :func:`sidecar_path`."""
     onnx_model = build_onnx_model(model, onnx_input_hw(config), dynamic_batch)
     onnx.save(onnx_model, path)
     meta = deploy_metadata(model, config, dynamic_batch)

@@ -98,3 +98,55 @@ def test_real_weights_match_predictor(shared_data, tmp_path, capsys):
     [record] = json.loads((out_dir / "predictions.json").read_text())
     assert len(record["detections"]) == len(ours[names.index("bus.jpg")])
     assert cv2.imread(str(out_dir / "bus.jpg")).shape == images[names.index("bus.jpg")].shape
+
+
+@pytest.mark.needs_torch
+def test_legacy_nanodet_decode_matches_model(tmp_path, capsys):
+    """Legacy NanoDet-m (ShuffleNetV2 + PAN + NanoDetHead; priors at cell centres, not
+    corners) with random weights, exported through the CLI: the script's decode of the
+    file's output is OneStageDetector.decode's (the NMS after it is NanoDet-Plus's, checked
+    end to end above; random weights score too many boxes within float noise of each
+    other for the kept set to be compared)."""
+    import jax
+    import jax.numpy as jnp
+    import torch
+
+    from nanodet_jax.config.loading import load_config
+    from nanodet_jax.models import build_model
+    from nanodet_jax.testing import random_state_dict
+    from nanodet_jax.weights.pytorch import load_torch_weights, model_variables, to_torch_layout
+
+    cfg = config_path(os.path.join("legacy", "nanodet_m.py"))
+    model = build_model(load_config(cfg), with_aux=False)
+    variables = model_variables(model).items()
+    sd = random_state_dict({k: to_torch_layout(np.asarray(v[...])).shape for k, v in variables})
+    weights = str(tmp_path / "legacy_m.pth")
+    torch.save({k: torch.from_numpy(np.asarray(v)) for k, v in sd.items()}, weights)
+    path = str(tmp_path / "legacy_m.onnx")
+    export_cli.main(["--config", cfg, "--torch-weights", weights, "--out", path])
+    assert "legacy_m.json" in capsys.readouterr().out
+    script = load_script()
+    meta = script.load_meta(path)
+    assert meta["prior_offset"] == 0.5 and meta["strides"] == [8, 16, 32]
+
+    img = np.random.default_rng(4).integers(0, 256, (240, 320, 3), np.uint8)
+    x, _ = script.preprocess(img, meta)
+    got = script.session(path).run(None, {"data": x[None]})[0][0]
+    load_torch_weights(model, sd)
+    model.eval()
+    raw = model(jnp.asarray(x.transpose(1, 2, 0)[None]))
+    # The file's output is the model's (sigmoid scores, raw DFL logits), as exported ...
+    c = model.num_classes
+    output = np.concatenate(
+        [np.asarray(jax.nn.sigmoid(raw[0, :, :c])), np.asarray(raw[0, :, c:])], 1
+    )
+    assert np.abs(got - output).max() <= 1e-4 * np.abs(output).max()
+    # ... and the script decodes it as the model does (the same output in both: these
+    # random weights' logits, ~300, make ONNX and JAX scores differ by up to 1e-4).
+    boxes, scores = script.decode(output, meta)
+    want_boxes, want_scores = (
+        np.asarray(a[0]) for a in model.decode(raw, tuple(meta["canvas_hw"]))
+    )
+    assert boxes.shape == want_boxes.shape == (2100, 4)
+    np.testing.assert_allclose(scores, want_scores, rtol=0, atol=1e-6)
+    np.testing.assert_allclose(boxes, want_boxes, rtol=0, atol=1e-4)

@@ -22,7 +22,8 @@ The generic machinery only ever calls what is defined here:
 * ``imagenet_backbone`` is the module an ImageNet checkpoint (``backbone.pretrain``)
   loads into (``models/backbones/pretrained.py``): ``backbone`` unless the detector
   wraps it (FCOS: ``backbone.body``);
-* ``onnx_graph`` writes the inference graph with ``deploy/onnx_graph.py``'s emitters.
+* ``onnx_graph`` writes the inference graph with ``deploy/onnx_graph.py``'s emitters;
+  ``onnx_decode`` describes its output's decoding for hosts without this package.
 """
 
 from __future__ import annotations
@@ -94,6 +95,13 @@ class Detector(nnx.Module):
         output value, or a dict of them for several named outputs (FCOS)
         (``deploy/onnx_export.py`` names them and checks the model)."""
         raise NotImplementedError(f"{type(self).__name__} has no ONNX export")
+
+    def onnx_decode(self) -> dict[str, Any] | None:
+        """For an output ``[B, P, C + 4 * (reg_max + 1)]`` of sigmoid scores and DFL logits:
+        ``strides``, ``reg_max`` and ``prior_offset`` (priors at ``(j + offset) * stride``),
+        which the export's sidecar JSON carries for ``tools/onnx_predict.py``; None where
+        the output is decoded otherwise (FCOS)."""
+        return None
 
 
 def has_prefix(name: str, prefixes: tuple[str, ...]) -> bool:

@@ -142,6 +142,10 @@ class NanoDetPlus(Detector):
     def decode(self, raw: jax.Array, input_hw: tuple[int, int]) -> tuple[jax.Array, jax.Array]:
         return decode(raw, input_hw, self.num_classes, self.reg_max, self.strides)
 
+    def onnx_decode(self) -> dict[str, Any]:
+        # NanoDet-Plus measures distances from the top-left corner of each cell.
+        return {"strides": list(self.strides), "reg_max": self.reg_max, "prior_offset": 0.0}
+
     def onnx_graph(self, graph: Any, image: Any) -> Any:
         return graph.emit(graph.emit(graph.emit(image, self.backbone), self.fpn), self.head)
 

@@ -78,6 +78,10 @@ class OneStageDetector(Detector):
         boxes = distance2bbox(priors[:, :2], distances * priors[:, 2:3], max_shape=tuple(input_hw))
         return boxes, jax.nn.sigmoid(raw[..., : self.num_classes])
 
+    def onnx_decode(self) -> dict[str, Any]:
+        # GFLHead measures distances from cell centres (decode's cell_centers).
+        return {"strides": list(self.strides), "reg_max": self.reg_max, "prior_offset": 0.5}
+
     def onnx_graph(self, graph: Any, image: Any) -> Any:
         value = graph.emit(image, self.backbone)
         if self.fpn is not None:
