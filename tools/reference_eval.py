@@ -33,7 +33,9 @@ warp matrix ``warp/<id>`` (with ``--save-inputs`` also the network input
 ``input/<id>``, NHWC float32), plus ``image_ids`` and ``input_hw``.
 
 ``--golden FILE`` (``.json`` or ``.json.gz``) merges this run into a golden file for
-tests: under ``runs[<config file name>]`` the 12 COCOeval numbers at full precision
+tests: under ``runs[<config file name>]`` (``opencv_variants[<fingerprint>].runs[...]``
+on a machine whose OpenCV warps round differently from the file's ``opencv_warp``,
+``tools/opencv_warp.py``) the 12 COCOeval numbers at full precision
 (JSON floats round-trip float64 exactly), the weights' and annotations' file names, the image count,
 and every detection as a row ``[image_id, category_id, x, y, w, h, score]`` in
 results2json order, boxes rounded to ``--golden-box-decimals`` (default 4: 1e-4 px) and
@@ -55,6 +57,7 @@ import gzip
 import io
 import json
 import os
+import platform
 import sys
 import tempfile
 import time
@@ -71,6 +74,7 @@ from nanodet_jax import runtime  # noqa: E402
 from nanodet_jax.config.loading import load_config  # noqa: E402
 from nanodet_jax.models.detectors.nanodet_plus import NanoDetPlus  # noqa: E402
 from nanodet_jax.weights.pytorch import extract_state_dict  # noqa: E402
+from tools import opencv_warp  # noqa: E402
 from tools.reference import Reference, load_reference  # noqa: E402
 
 STAT_NAMES = (
@@ -218,6 +222,19 @@ def reference_commit(ref_path: str) -> str | None:
     return (out.stdout.strip() or None) if out.returncode == 0 else None
 
 
+def cpu_description() -> str:
+    """``"<CPU model name>, <n> cores"`` from /proc/cpuinfo where there is one."""
+    name = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            name = next(
+                line.split(":", 1)[1].strip() for line in f if line.startswith("model name")
+            )
+    except (OSError, StopIteration):
+        pass
+    return f"{name}, {os.cpu_count()} cores"
+
+
 def write_golden(
     path: str,
     run: str,
@@ -248,7 +265,18 @@ def write_golden(
         ]
         for d in dets
     ]
-    golden.setdefault("runs", {})[run] = {
+    # Detections depend on how this machine's OpenCV rounds its warps (tools/opencv_warp.py):
+    # the file's own runs are for the machine its "opencv_warp" names (before that field,
+    # the machine tests/data/golden_augment.npz was recorded on), others go to a variant.
+    here = opencv_warp.this_host()
+    primary = golden.setdefault(
+        "opencv_warp", opencv_warp.recorded() if golden.get("runs") else here
+    )
+    target = golden
+    if here != primary:
+        target = golden.setdefault("opencv_variants", {}).setdefault(here, {})
+        target["machine"] = cpu_description()
+    target.setdefault("runs", {})[run] = {
         **info,
         "stats": [float(v) for v in stats],
         "num_detections": len(rows),
@@ -256,7 +284,7 @@ def write_golden(
         "score_decimals": score_decimals,
         "detections": rows,
     }
-    golden["runs"] = dict(sorted(golden["runs"].items()))
+    target["runs"] = dict(sorted(target["runs"].items()))
     data = json.dumps(golden, separators=(",", ":")).encode() + b"\n"
     with open(path, "wb") as f:
         f.write(gzip.compress(data, compresslevel=9, mtime=0) if gz else data)

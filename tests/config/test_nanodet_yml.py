@@ -8,7 +8,6 @@ NanoDet's own yacs loader); each test writes them back out as YAML and loads tha
 from __future__ import annotations
 
 import copy
-import gzip
 import importlib.util
 import json
 import os
@@ -26,6 +25,7 @@ from nanodet_jax.config.nanodet_yml import UnsupportedNanoDetConfig, our_field
 from nanodet_jax.config.nanodet_yml_write import write_nanodet_yml
 from nanodet_jax.evaluation.coco_eval import STAT_NAMES
 from tests.conftest import REPO, config_path
+from tests.evaluation.test_real_data import foreign_host_stats, host_runs, load_golden
 from tools.record_nanodet_yml import LEGACY, NOT_NANODET, PAIRS, leaves, our_configs
 
 GOLDEN = json.load(open(os.path.join(REPO, "tests", "data", "golden_nanodet_yml.json")))["files"]
@@ -309,9 +309,8 @@ def test_entry_points_take_a_nanodet_yml(tmp_path, entry):
 def test_eval_with_a_nanodet_yml_reproduces_nanodet_map(shared_data, tmp_path, yml):
     """``eval.py --config <NanoDet's .yml>``: the 12 COCOeval numbers of NanoDet's own
     pipeline on the 80 coco_tiny val images (tests/data/golden_coco_tiny.json.gz)."""
-    with gzip.open(os.path.join(REPO, "tests", "data", "golden_coco_tiny.json.gz")) as f:
-        golden = json.load(f)
-    run = golden["runs"][PAIRS[yml]]
+    runs, same_warps = host_runs(load_golden())  # NanoDet's, where OpenCV warps as here
+    run = runs[PAIRS[yml]]
     coco = os.path.join(shared_data, "coco_tiny")
     metrics = _entry_point("eval").main([
         "--config", write_yml(tmp_path, GOLDEN[yml], yml),
@@ -320,8 +319,12 @@ def test_eval_with_a_nanodet_yml_reproduces_nanodet_map(shared_data, tmp_path, y
         f"--config.data.val.img_dir={coco}/val2017",
         "--out-dir", str(tmp_path), "--no-progress",
     ])  # fmt: skip
+    if not same_warps:
+        assert not foreign_host_stats(metrics["stats"], run["stats"])
+        return
     ours = [metrics["stats"][k] for k in STAT_NAMES]  # the golden's order
     assert ours == pytest.approx(run["stats"], abs=1e-4), list(zip(STAT_NAMES, ours))
+    # NanoDet-Plus-m's mAP on these 80 images, on every machine measured (to 4 decimals).
     assert ours[0] == pytest.approx(
-        {"nanodet-plus-m_320.yml": 0.3115, "nanodet-plus-m_416.yml": 0.3581}[yml], abs=5e-5
+        {"nanodet-plus-m_320.yml": 0.3115, "nanodet-plus-m_416.yml": 0.3581}[yml], abs=1e-4
     )

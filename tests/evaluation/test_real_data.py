@@ -16,6 +16,7 @@ from __future__ import annotations
 import gzip
 import json
 import os
+import warnings
 from collections import defaultdict
 
 import cv2
@@ -27,6 +28,7 @@ from nanodet_jax.cli.predict import load_predictor, predict_paths
 from nanodet_jax.data.coco import ImageReadError
 from nanodet_jax.evaluation.coco_eval import STAT_NAMES
 from tests.conftest import REPO, config_path
+from tools import opencv_warp
 
 GOLDEN = os.path.join(REPO, "tests", "data", "golden_coco_tiny.json.gz")
 # Tolerances of test_coco_map_matches_nanodet (its docstring says where they come from).
@@ -34,14 +36,46 @@ STAT_TOL = 1e-4  # each of the 12 COCOeval numbers (measured: 0, all digits equa
 BOX_TOL = 2e-3  # px, each of x, y, w, h in original-image pixels (measured: 1.54e-3)
 SCORE_TOL = 2e-6  # (measured: 1.49e-6)
 MAX_DIFFERING = 0  # detections without a counterpart within BOX_TOL / SCORE_TOL
+# On a machine whose OpenCV rounds its warps unlike every machine the golden has runs
+# for (tools/opencv_warp.py), only the COCOeval numbers are compared, to this (measured
+# between the two recorded machines: 2.3e-4).
+FOREIGN_STAT_TOL = 1e-3
 
 
-@pytest.fixture(scope="module")
-def golden() -> dict:
+def load_golden() -> dict:
     with gzip.open(GOLDEN, "rt") as f:
         data = json.load(f)
     assert data["stat_names"][0].startswith("AP@[.50:.95]") and len(data["stat_names"]) == 12
     return data
+
+
+@pytest.fixture(scope="module")
+def golden() -> dict:
+    return load_golden()
+
+
+def host_runs(data: dict) -> tuple[dict, bool]:
+    """NanoDet's runs recorded on a machine whose OpenCV warps as this one's does, and
+    True; else the file's own runs and False (then NanoDet here would not give them
+    either: the network inputs differ in a few pixels)."""
+    here = opencv_warp.this_host()
+    if here == data["opencv_warp"]:
+        return data["runs"], True
+    variant = data.get("opencv_variants", {}).get(here)
+    return (variant["runs"], True) if variant else (data["runs"], False)
+
+
+def foreign_host_stats(ours: dict, ref: list[float]) -> list[str]:
+    """The COCOeval numbers beyond FOREIGN_STAT_TOL, after warning that only they are checked."""
+    warnings.warn(
+        f"this machine's OpenCV warps (fingerprint {opencv_warp.this_host()}) round unlike "
+        f"every machine in {os.path.basename(GOLDEN)}: COCOeval numbers compared to "
+        f"{FOREIGN_STAT_TOL}, detections not (record NanoDet here: tools/reference_eval.py "
+        "--golden)",
+        stacklevel=2,
+    )
+    return [f"{k}: ours {ours[k]!r} ref {r!r}" for k, r in zip(STAT_NAMES, ref)
+            if not abs(ours[k] - r) <= FOREIGN_STAT_TOL]  # fmt: skip
 
 
 def detection_rows(dets: list[dict]) -> np.ndarray:
@@ -132,6 +166,10 @@ def test_coco_map_matches_nanodet(cfg: str, shared_data: str, golden: dict, tmp_
 
     * the network input is bit-identical (same cv2 decode, same warpPerspective matrix,
       same normalisation; checked on all 80 images at 416), so are the warp matrices;
+      that holds on one machine: OpenCV's warp rounds differently on some CPUs
+      (``tools/opencv_warp.py``), so the golden keeps NanoDet's runs per fingerprint of
+      that rounding (the file's own, and ``opencv_variants``) and this test takes this
+      machine's;
     * the raw head outputs differ by at most 5.7e-5 / 3.3e-5: float32 rounding of the
       convolutions, summed in a different order by XLA than by PyTorch;
     * our decode + NMS + mapping back, fed NanoDet's raw head output, gives the same
@@ -152,7 +190,8 @@ def test_coco_map_matches_nanodet(cfg: str, shared_data: str, golden: dict, tmp_
     last float64 digit; ``STAT_TOL`` (1e-4) leaves a little room for near-tied
     detections swapping ranks under another machine's rounding.
     """
-    run = golden["runs"][cfg]
+    runs, same_warps = host_runs(golden)
+    run = runs[cfg]
     coco = os.path.join(shared_data, "coco_tiny")
     metrics = eval_cli.main([
         "--config", config_path(cfg),
@@ -162,6 +201,9 @@ def test_coco_map_matches_nanodet(cfg: str, shared_data: str, golden: dict, tmp_
         "--out-dir", str(tmp_path), "--no-progress",
     ])  # fmt: skip
     stats = metrics["stats"]
+    if not same_warps:
+        assert not foreign_host_stats(stats, run["stats"])
+        return
     ref_stats = dict(zip(STAT_NAMES, run["stats"]))
     bad = [
         f"  {k}: ours {stats[k]!r} ref {ref_stats[k]!r} (diff {stats[k] - ref_stats[k]:+.2e})"
