@@ -142,7 +142,8 @@ def test_eight_devices_equal_one_device():
     moves the gradients by 1.8e-3 (L2; 8 vs 1 devices: 4.3e-3), and how much depends on
     the host CPU's code generation (5e-6 on a Zen 4, measured): no float32 bound separates
     that from a bug on every host. A dropped or doubled reduction is off by O(1)
-    (planted: per-device gradients without the all-reduce -> grad_norm 12.47 vs 6.78).
+    (planted in the float32 version of this test: per-device gradients without the
+    all-reduce -> grad_norm 12.47 vs 6.78).
     """
     proc = run(["-c", EQUIVALENCE], devices=8)
     check(proc)
