@@ -263,3 +263,22 @@ def test_eval_names_a_corrupt_image(tmp_path, small_config):
     # The end-marker check (data/image_integrity.py) finds it before the decoder would.
     with pytest.raises(ImageReadError, match="broken.jpg: truncated JPEG"):
         coco_eval.predict_dataset(predictor, dataset.records, batch_size=2, progress=False)
+
+
+def test_host_runs_follow_this_machines_opencv_rounding(monkeypatch):
+    """The golden's runs for this machine's warp fingerprint: the file's own, a variant's,
+    or, for a rounding nobody recorded, the file's own with False (numbers only)."""
+    data = {
+        "opencv_warp": "aaaa",
+        "runs": {"own": 1},
+        "opencv_variants": {"bbbb": {"runs": {"v": 2}}},
+    }
+    for here, want in (("aaaa", ({"own": 1}, True)), ("bbbb", ({"v": 2}, True)),
+                       ("cccc", ({"own": 1}, False))):  # fmt: skip
+        monkeypatch.setattr(opencv_warp, "this_host", lambda here=here: here)
+        assert host_runs(data) == want
+    with pytest.warns(UserWarning, match="round unlike every machine"):
+        bad = foreign_host_stats(dict.fromkeys(STAT_NAMES, 0.5), [0.5] * 11 + [0.502])
+    assert len(bad) == 1 and bad[0].startswith(STAT_NAMES[-1])
+    # The committed golden names the rounding its own runs were recorded with.
+    assert load_golden()["opencv_warp"] == opencv_warp.recorded()
