@@ -149,7 +149,29 @@ def _fold_tree(module: Any) -> int:
         count += _fold_tree(child)
     _fuse_stem_max_pool(module)  # after the children: conv1 is folded by then
     _read_split_in_place(module)
+    _store_interleaved(module)
     return count
+
+
+def _store_interleaved(module: Any) -> None:
+    """A module declaring ``INTERLEAVED_BRANCH = "name"`` shuffles the output of its
+    Sequential ``name`` with a passthrough (``Sequential.interleaved_with``): let the
+    Sequential's last convolution store the shuffle when it is a fused 1x1 whose
+    activation moved in with it, i.e. only identities follow it."""
+    name = getattr(type(module), "INTERLEAVED_BRANCH", None)
+    seq = getattr(module, name, None) if name else None
+    if not isinstance(seq, Sequential):
+        return
+    layers = list(seq)
+    convs = [i for i, m in enumerate(layers) if isinstance(m, Conv2d)]
+    if not convs:
+        return
+    conv, rest = layers[convs[-1]], layers[convs[-1] + 1 :]
+    identities = all(
+        isinstance(m, FoldedNorm) or (isinstance(m, Activation) and m.name is None) for m in rest
+    )
+    if conv.fuse_epilogue and conv.pointwise and identities:
+        conv.stores_interleaved = True
 
 
 def _read_split_in_place(module: Any) -> None:

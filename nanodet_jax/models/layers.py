@@ -27,6 +27,7 @@ from nanodet_jax.ops import (
     pointwise_conv_bias_act,
     stem_conv_bias_act,
 )
+from nanodet_jax.ops.channels import interleave_channels
 from nanodet_jax.ops.fused_conv import STEM_MAX_CHANNELS
 from nanodet_jax.ops.pooling import max_pool_3x3_s2  # noqa: F401 - the models' import point
 
@@ -61,6 +62,20 @@ class Sequential(nnx.List):
         for layer in self:
             x = layer(x)
         return x
+
+    def interleaved_with(self, passthrough: jax.Array, x: jax.Array) -> jax.Array:
+        """``interleave_channels(passthrough[..., :K], self(x))`` for K output channels
+        (ShuffleNetV2's shuffle of ``concat``). When BatchNorm folding marked a layer
+        ``stores_interleaved`` (a fused 1x1 with only identities after it), that layer's
+        kernel stores the shuffled result itself."""
+        layers = list(self)
+        marked = [i for i, m in enumerate(layers) if getattr(m, "stores_interleaved", False)]
+        if marked:
+            for layer in layers[: marked[-1]]:
+                x = layer(x)
+            return layers[marked[-1]](x, interleave_with=passthrough)
+        y = self(x)
+        return interleave_channels(passthrough[..., : y.shape[-1]], y)
 
 
 ACTIVATIONS: dict[str | None, Callable[[jax.Array], jax.Array]] = {
@@ -174,6 +189,7 @@ class Conv2d(nnx.Module):
         self.activation: str | None = None
         self.max_pool = False  # a stem's 3x3 / 2 max pool, also moved here (ShuffleNetV2)
         self.input_channel_offset = 0  # a fused 1x1 reading channels offset.. of its input
+        self.stores_interleaved = False  # a fused 1x1 storing a channel shuffle (Sequential)
 
     @property
     def pointwise(self) -> bool:
@@ -190,7 +206,10 @@ class Conv2d(nnx.Module):
             self.groups == 1 and self.weight.shape[2] <= STEM_MAX_CHANNELS and self.kernel_size <= 7
         )
 
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, interleave_with: jax.Array | None = None) -> jax.Array:
+        """``interleave_with``: see ``Sequential.interleaved_with`` (fused 1x1 only)."""
+        if interleave_with is not None and not (self.fuse_epilogue and self.pointwise):
+            raise ValueError("interleave_with needs a fused 1x1 convolution (BatchNorm folding)")
         if self.fuse_epilogue:
             wb, act = self.weight[...], ACTIVATIONS[self.activation]
             if self.depthwise:
@@ -199,8 +218,9 @@ class Conv2d(nnx.Module):
                 )
             if self.pointwise:
                 return pointwise_conv_bias_act(
-                    x, wb, self.activation, act, channel_offset=self.input_channel_offset
-                )
+                    x, wb, self.activation, act, channel_offset=self.input_channel_offset,
+                    interleave_with=interleave_with,
+                )  # fmt: skip
             return stem_conv_bias_act(
                 x, wb, self.kernel_size, self.stride, self.padding, self.activation, act,
                 max_pool=self.max_pool,
@@ -370,16 +390,6 @@ def upsample_bilinear_2x(x: jax.Array) -> jax.Array:
 
 def upsample_nearest_2x(x: jax.Array) -> jax.Array:
     return jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
-
-
-def interleave_channels(a: jax.Array, b: jax.Array) -> jax.Array:
-    """ShuffleNet's channel shuffle (2 groups) of ``concat([a, b])``: channel 2i from
-    ``a``, 2i + 1 from ``b``.
-
-    Written as a stack on a new minor axis, XLA emits it as one fusion writing the result
-    in the default layout; the reshape-swapaxes-reshape form left its output transposed,
-    and a consumer needing the default layout (a custom call) paid a second copy."""
-    return jnp.stack([a, b], axis=-1).reshape(*a.shape[:-1], 2 * a.shape[-1])
 
 
 def concat_channels(xs: Sequence[jax.Array]) -> jax.Array:

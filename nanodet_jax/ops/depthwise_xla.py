@@ -31,7 +31,8 @@ from jax.experimental.custom_partitioning import custom_partitioning
 from jax.sharding import NamedSharding, PartitionSpec
 
 # A two-operand op f(a, b, out_shape, stride, padding) -> array; `a` is NHWC.
-RawOp = Callable[[jax.Array, jax.Array, tuple[int, ...], int, int], jax.Array]
+# raw(a, b, [c,] out_shape, stride, padding): the arrays, then the static arguments.
+RawOp = Callable[..., jax.Array]
 
 
 def out_size(n: int, k: int, stride: int, padding: int) -> int:
@@ -178,7 +179,9 @@ def _mesh_of(mesh: Any, arg_shapes: Any) -> Any:
     return sharding.mesh if isinstance(sharding, NamedSharding) else mesh
 
 
-def batch_parallel(raw: RawOp, reduce_batch: bool, dense: bool = False) -> RawOp:
+def batch_parallel(
+    raw: RawOp, reduce_batch: bool, dense: bool = False, passthrough: bool = False
+) -> RawOp:
     """custom_partitioning wrapper of an op ``raw(a, b, out_shape, stride, padding)``.
 
     ``a`` is NHWC and decides the sharding. For forward / input-gradient, ``b`` is the
@@ -186,48 +189,51 @@ def batch_parallel(raw: RawOp, reduce_batch: bool, dense: bool = False) -> RawOp
     NHWC cotangent and the output is the [K, K, 1, C] kernel gradient (``out_shape`` when
     ``dense``), summed over the batch shards. ``dense``: the op mixes channels (a dense
     convolution, ``b`` any rank-4 kernel layout), so only the batch is split and the
-    output's channel count comes from ``out_shape``.
+    output's channel count comes from ``out_shape``. ``passthrough`` (dense forward): a
+    third NHWC operand ``c`` with ``a``'s pixels, ``raw(a, b, c, out_shape, ...)``, split
+    like ``a``.
     """
-    op = custom_partitioning(raw, static_argnums=(2, 3, 4))
+    n_arrays = 3 if passthrough else 2
+    op = custom_partitioning(raw, static_argnums=tuple(range(n_arrays, n_arrays + 3)))
 
-    def specs(
-        mesh: Any, arg_shapes: Any
-    ) -> tuple[Any, NamedSharding, NamedSharding, NamedSharding]:
-        """(batch axes, sharding of a, of b, of the output) from the sharding of ``a``."""
+    def specs(mesh: Any, arg_shapes: Any) -> tuple[Any, tuple[NamedSharding, ...], NamedSharding]:
+        """(batch axes, shardings of the operands, of the output) from ``a``'s sharding."""
         bat, ch = _batch_channel(arg_shapes[0].sharding, 4)
         ch = None if dense else ch
         nhwc = _named(mesh, bat, None, None, ch)
         kernel = _named(mesh, None, None, None, ch)
         if reduce_batch:
-            return bat, nhwc, nhwc, kernel
-        return bat, nhwc, kernel, nhwc
+            return bat, (nhwc, nhwc), kernel
+        return bat, (nhwc, kernel, nhwc)[:n_arrays], nhwc
 
     def partition(
         out_shape: Any, stride: int, padding: int, mesh: Any, arg_shapes: Any, result_shape: Any
     ) -> Any:
         mesh = _mesh_of(mesh, arg_shapes)
-        bat, in_a, in_b, out = specs(mesh, arg_shapes)
+        bat, ins, out = specs(mesh, arg_shapes)
 
-        def lower(a: jax.Array, b: jax.Array) -> jax.Array:
+        def lower(a: jax.Array, *rest: jax.Array) -> jax.Array:
             # Per-shard output shape: the local batch/channel sizes come from the operand.
             if reduce_batch:  # a dense kernel gradient is whole on every shard
                 local = tuple(out_shape) if dense else (*out_shape[:3], a.shape[3])
             else:
                 local = (a.shape[0], *out_shape[1:3], out_shape[3] if dense else a.shape[3])
-            y = raw(a, b, local, stride, padding)
+            y = raw(a, *rest, local, stride, padding)
             if reduce_batch and _axes(bat):
                 y = lax.psum(y, _axes(bat))  # per-shard partial sums of dw
             return y
 
-        return mesh, lower, out, (in_a, in_b)
+        return mesh, lower, out, ins
 
     def infer(
         out_shape: Any, stride: int, padding: int, mesh: Any, arg_shapes: Any, result_shape: Any
     ) -> NamedSharding:
-        return specs(_mesh_of(mesh, arg_shapes), arg_shapes)[3]
+        return specs(_mesh_of(mesh, arg_shapes), arg_shapes)[2]
 
     if dense:
         rule = "b h w c, b y z k -> p q r s" if reduce_batch else "b h w c, p q r s -> b y z k"
+        if passthrough:
+            rule = "b h w c, p q r s, b h w t -> b y z k"
     else:
         rule = "b h w c, b y z c -> u v i c" if reduce_batch else "b h w c, u v i c -> b y z c"
     # Spatial and kernel dims must not be sharded. Shardy wants these factors listed in
@@ -250,33 +256,36 @@ def batch_parallel(raw: RawOp, reduce_batch: bool, dense: bool = False) -> RawOp
 
 def batchable(
     op: RawOp, out_shape: tuple[int, ...], stride: int, padding: int, fold: bool
-) -> Callable[[jax.Array, jax.Array], jax.Array]:
-    """``op`` as a custom_vmap function of its two array operands.
+) -> Callable[..., jax.Array]:
+    """``op`` as a custom_vmap function of its array operands (two; three with a
+    ``batch_parallel(passthrough=True)`` op).
 
-    ``fold``: when only the first (NHWC) operand is batched, the vmapped axis can be
-    merged into the batch (forward and input gradient, whose kernel is shared).
+    ``fold``: when the second operand (the shared kernel) is not batched, the vmapped axis
+    can be merged into the batch of the NHWC ones (forward and input gradient).
     """
 
     @custom_vmap
-    def f(a: jax.Array, b: jax.Array) -> jax.Array:
-        return op(a, b, out_shape, stride, padding)
+    def f(*arrays: jax.Array) -> jax.Array:
+        return op(*arrays, out_shape, stride, padding)
 
     @f.def_vmap
-    def rule(
-        axis_size: int, in_batched: list[bool], a: jax.Array, b: jax.Array
-    ) -> tuple[jax.Array, bool]:
-        a_b, b_b = in_batched
-        if fold and a_b and not b_b:
-            n = a.shape[1]
+    def rule(axis_size: int, in_batched: list[bool], *arrays: jax.Array) -> tuple[jax.Array, bool]:
+        def full(x: jax.Array, batched: bool) -> jax.Array:
+            return x if batched else jnp.broadcast_to(x, (axis_size, *x.shape))
+
+        if fold and not in_batched[1]:
+            n = arrays[0].shape[0] if not in_batched[0] else arrays[0].shape[1]
             merged = (axis_size * n, *out_shape[1:])
-            y = batchable(op, merged, stride, padding, fold)(
-                a.reshape(axis_size * n, *a.shape[2:]), b
-            )
+            nhwc = [
+                full(x, b).reshape(axis_size * n, *x.shape[-3:])
+                for i, (x, b) in enumerate(zip(arrays, in_batched))
+                if i != 1
+            ]
+            y = batchable(op, merged, stride, padding, fold)(nhwc[0], arrays[1], *nhwc[1:])
             return y.reshape(axis_size, n, *out_shape[1:]), True
-        a = a if a_b else jnp.broadcast_to(a, (axis_size, *a.shape))
-        b = b if b_b else jnp.broadcast_to(b, (axis_size, *b.shape))
+        arrays = tuple(full(x, b) for x, b in zip(arrays, in_batched))
         g = batchable(op, out_shape, stride, padding, fold)
-        return lax.map(lambda ab: g(*ab), (a, b)), True
+        return lax.map(lambda xs: g(*xs), arrays), True
 
     return f
 

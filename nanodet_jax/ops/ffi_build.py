@@ -40,6 +40,7 @@ TARGETS = {
     "nanodet_winograd_conv3x3": "NanodetWinogradConv3x3",
     "nanodet_winograd_conv3x3_weight_grad": "NanodetWinogradConv3x3WeightGrad",
     "nanodet_pointwise_bias_act": "NanodetPointwiseBiasAct",
+    "nanodet_pointwise_bias_act_interleave": "NanodetPointwiseBiasActInterleave",
     "nanodet_pointwise_weight_grad": "NanodetPointwiseWeightGrad",
     "nanodet_stem_conv_bias_act": "NanodetStemConvBiasAct",
 }

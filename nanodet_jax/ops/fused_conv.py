@@ -4,7 +4,8 @@ BatchNorm folding (``models/batchnorm_folding.py``) gives these convolutions a b
 moves the activation after the norm into them; the ops here run the three as one:
 
 * :func:`pointwise_conv_bias_act`: 1x1, stride 1 (``csrc/pointwise.cc``, a GEMM whose
-  register tiles store through the epilogue);
+  register tiles store through the epilogue), optionally storing its output interleaved
+  with a passthrough tensor (ShuffleNetV2's channel shuffle, ``interleave_with``);
 * :func:`stem_conv_bias_act`: a backbone's first convolution, on the RGB image (few input
   channels; ``csrc/stem.cc``). XLA:CPU's convolution runs it at ~13 GFLOP/s, the C++
   kernel 3-6x faster (docs/benchmarks.md); ShuffleNetV2's max pool after it can run in
@@ -35,6 +36,7 @@ import numpy as np
 from jax import lax
 
 from nanodet_jax.ops import ffi_build
+from nanodet_jax.ops.channels import interleave_channels
 from nanodet_jax.ops.depthwise_xla import RawOp, batch_parallel, batchable, out_size
 from nanodet_jax.ops.epilogue import EPILOGUE_ACTIVATIONS, LEAKY_RELU_SLOPE
 from nanodet_jax.ops.pooling import max_pool_3x3_s2
@@ -59,15 +61,15 @@ def _split(wb: jax.Array, c: int, r: int) -> tuple[jax.Array, jax.Array]:
 
 
 _POINTWISE, _STEM = "nanodet_pointwise_bias_act", "nanodet_stem_conv_bias_act"
+_POINTWISE_INTERLEAVE = "nanodet_pointwise_bias_act_interleave"
 
 
 @functools.cache
 def _op(target: str, activation: int, max_pool: bool, channel_offset: int) -> RawOp:
     """The sharding-aware call of ``target`` with these static attributes."""
 
-    def call(
-        a: jax.Array, b: jax.Array, out_shape: tuple[int, ...], stride: int, padding: int
-    ) -> jax.Array:
+    def call(*args: object) -> jax.Array:
+        *arrays, out_shape, stride, padding = args
         ffi = jax.ffi.ffi_call(
             target, jax.ShapeDtypeStruct(out_shape, jnp.float32), vmap_method="sequential"
         )
@@ -77,9 +79,10 @@ def _op(target: str, activation: int, max_pool: bool, channel_offset: int) -> Ra
                          max_pool=np.int64(max_pool))  # fmt: skip
         else:
             attrs["channel_offset"] = np.int64(channel_offset)
-        return ffi(a, b, **attrs)
+        return ffi(*arrays, **attrs)
 
-    return batch_parallel(call, reduce_batch=False, dense=True)
+    passthrough = target == _POINTWISE_INTERLEAVE
+    return batch_parallel(call, reduce_batch=False, dense=True, passthrough=passthrough)
 
 
 def _use_ffi(impl: str | None, x: jax.Array) -> bool:
@@ -98,13 +101,24 @@ def _fused(
     impl: str | None,
     max_pool: bool = False,
     channel_offset: int = 0,
+    passthrough: jax.Array | None = None,
 ) -> jax.Array:
     c = wb.shape[2] - 1 if target == _POINTWISE else x.shape[-1]
     if channel_offset < 0 or channel_offset + c > x.shape[-1]:
         raise ValueError(f"channels {channel_offset}..{channel_offset + c} of an input with "
                          f"{x.shape[-1]}")  # fmt: skip
+    k = wb.shape[3]
+    if passthrough is not None and (
+        passthrough.shape[:3] != x.shape[:3] or passthrough.shape[3] < k
+    ):
+        raise ValueError(f"a passthrough for {x.shape[:3]} pixels and {k} output channels "
+                         f"must be [*{x.shape[:3]}, >= {k}], got {passthrough.shape}")  # fmt: skip
+    operands = (x, wb) if passthrough is None else (x, wb, passthrough)
 
-    def unfused(x: jax.Array, wb: jax.Array) -> jax.Array:
+    def interleaved(y: jax.Array, p: jax.Array | None) -> jax.Array:
+        return y if p is None else interleave_channels(p[..., :k].astype(y.dtype), y)
+
+    def unfused(x: jax.Array, wb: jax.Array, p: jax.Array | None = None) -> jax.Array:
         x = x[..., channel_offset : channel_offset + c]
         kernel, bias = _split(wb, c, r)
         y = lax.conv_general_dilated(
@@ -115,29 +129,39 @@ def _fused(
             dimension_numbers=("NHWC", "HWIO", "NHWC"),
         )
         y = activation_fn(y + bias.astype(y.dtype))
-        return max_pool_3x3_s2(y) if max_pool else y
+        return interleaved(max_pool_3x3_s2(y) if max_pool else y, p)
 
     _split(wb, c, r)  # a clear error for a wrong layout, before any kernel
     if not _use_ffi(impl, x):
-        return unfused(x, wb)
+        return unfused(*operands)
     fused_act = activation if activation in EPILOGUE_ACTIVATIONS else None
     # An activation the epilogue lacks must come before the pool: pool in XLA then.
     fused_pool = max_pool and fused_act == activation
 
-    def cpu(x: jax.Array, wb: jax.Array) -> jax.Array:
+    # The shuffle goes into the kernel only when nothing runs between it and the store.
+    fused_interleave = passthrough is not None and fused_act == activation
+
+    def cpu(x: jax.Array, wb: jax.Array, p: jax.Array | None = None) -> jax.Array:
         n, h, w, _ = x.shape
         hw = [out_size(d, r, stride, padding) for d in (h, w)]
         if fused_pool:
             hw = [out_size(d, 3, 2, 1) for d in hw]
-        shape = (n, *hw, wb.shape[3])
-        op = _op(target, EPILOGUE_ACTIVATIONS[fused_act], fused_pool, channel_offset)
-        y = batchable(op, shape, stride, padding, fold=True)(
-            x.astype(jnp.float32), wb.astype(jnp.float32)
-        ).astype(x.dtype)
+        act = EPILOGUE_ACTIVATIONS[fused_act]
+        f32 = [x.astype(jnp.float32), wb.astype(jnp.float32)]
+        if fused_interleave:
+            op = _op(_POINTWISE_INTERLEAVE, act, False, channel_offset)
+            f32.append(p.astype(jnp.float32))
+            shape = (n, *hw, 2 * k)
+        else:
+            op = _op(target, act, fused_pool, channel_offset)
+            shape = (n, *hw, k)
+        y = batchable(op, shape, stride, padding, fold=True)(*f32).astype(x.dtype)
+        if fused_interleave:
+            return y
         y = y if fused_act == activation else activation_fn(y)
-        return max_pool_3x3_s2(y) if max_pool and not fused_pool else y
+        return interleaved(max_pool_3x3_s2(y) if max_pool and not fused_pool else y, p)
 
-    return lax.platform_dependent(x, wb, cpu=cpu, default=unfused)
+    return lax.platform_dependent(*operands, cpu=cpu, default=unfused)
 
 
 def pointwise_conv_bias_act(
@@ -147,14 +171,21 @@ def pointwise_conv_bias_act(
     activation_fn: Activation,
     *,
     channel_offset: int = 0,
+    interleave_with: jax.Array | None = None,
     impl: str | None = None,
 ) -> jax.Array:
-    """``activation_fn(conv1x1(x[..., channel_offset:][..., :C], kernel) + bias)``;
+    """``y = activation_fn(conv1x1(x[..., channel_offset:][..., :C], kernel) + bias)``;
     ``activation`` is NanoDet's name of ``activation_fn``. The C++ kernel reads the
-    channel range in place (a ShuffleNetV2 branch's half of its block's input)."""
+    channel range in place (a ShuffleNetV2 branch's half of its block's input).
+
+    ``interleave_with`` ([N, H, W, >= K]): return ``interleave_channels(p[..., :K], y)``
+    instead ([N, H, W, 2K], ShuffleNetV2's shuffle of ``concat([p, y])``), stored so by
+    the C++ kernel; ``p`` may be a whole block input whose first K channels pass through.
+    """
     return _fused(
-        _POINTWISE, x, wb, 1, 1, 0, activation, activation_fn, impl, False, channel_offset
-    )
+        _POINTWISE, x, wb, 1, 1, 0, activation, activation_fn, impl, False, channel_offset,
+        interleave_with,
+    )  # fmt: skip
 
 
 def stem_conv_bias_act(

@@ -31,6 +31,7 @@ from nanodet_jax.models.layers import (
     max_pool_3x3_s2,
 )
 from nanodet_jax.models.norm import BatchNorm2d, GroupNorm
+from nanodet_jax.ops import ffi_build
 
 TOL = 1e-5  # relative to the largest output magnitude
 
@@ -143,6 +144,11 @@ def test_folded_module_computes_the_same(name):
         assert folded.depthwise.activation == folded.pointwise.activation == "LeakyReLU"
     if name == "ShuffleV2Block-s1":  # branch2's first 1x1 reads its half in place
         assert folded.branch2[0].input_channel_offset == 8
+    if name.startswith("ShuffleV2Block"):  # ... and its last stores the channel shuffle
+        marked = [i for i, c in enumerate(folded.branch2) if getattr(c, "stores_interleaved", 0)]
+        assert marked == [5] and not module.branch2[5].stores_interleaved
+        hlo = jax.jit(lambda v: folded(v)).lower(x).as_text()
+        assert ("nanodet_pointwise_bias_act_interleave" in hlo) == ffi_build.load()
     if name == "GhostBottleneck-s2":  # cheap_operation: Sequential(dw, BN, ReLU)
         cheap = folded.ghost1.cheap_operation
         assert cheap[0].activation == "ReLU" and cheap[2].name is None

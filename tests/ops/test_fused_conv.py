@@ -75,6 +75,74 @@ def test_pointwise_reads_a_channel_range_in_place(ffi_ok: bool) -> None:
         pointwise_conv_bias_act(x, wb, "ReLU", relu, channel_offset=30)
 
 
+# (N, H, W, C, K, passthrough channels): full panels, tails of n < 8, 8 <= n < 16 and
+# 16 + n lanes, row tails; a passthrough wider than K (a whole block input).
+INTERLEAVED = [(2, 5, 7, 24, 58, 116), (1, 3, 3, 8, 5, 5), (3, 4, 5, 40, 33, 40),
+               (1, 1, 13, 16, 20, 20), (2, 6, 6, 58, 64, 64)]  # fmt: skip
+
+
+@pytest.mark.parametrize("act", ["LeakyReLU", "ReLU", "SiLU"])
+def test_pointwise_stores_the_channel_shuffle(ffi_ok: bool, act: str) -> None:
+    # interleave_with p: channel 2i of the output is p's channel i, 2i + 1 the conv's.
+    from nanodet_jax.ops.channels import interleave_channels
+
+    fn = ACTIVATIONS[act]
+    for case in INTERLEAVED:
+        n, h, w, c, k, cp = case
+        x, kernel, bias = _data(n, h, w, c, 1, k, seed=3)
+        p = jnp.asarray(np.random.default_rng(4).standard_normal((n, h, w, cp)), jnp.float32)
+        wb = fused_dense_weights(kernel, bias)
+        want = interleave_channels(p[..., :k], _reference(x, kernel, bias, 1, 0, fn))
+        assert want.shape == (n, h, w, 2 * k)
+        for impl in ("ffi", "lax"):
+            f = jax.jit(partial(pointwise_conv_bias_act, activation=act, activation_fn=fn,
+                                impl=impl))  # fmt: skip
+            got = f(x, wb, interleave_with=p)
+            np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5, err_msg=f"{case} {impl}")
+            hlo = f.lower(x, wb, interleave_with=p).as_text()
+            fused = impl == "ffi" and act in ("LeakyReLU", "ReLU")  # SiLU: XLA after the kernel
+            assert ("nanodet_pointwise_bias_act_interleave" in hlo) == fused, (case, impl)
+    # vmap over the input alone, the passthrough alone, and both.
+    g = jax.jit(lambda x, p: f(x, wb, interleave_with=p))
+    xs, ps = jnp.stack([x, 2 * x]), jnp.stack([p, -p])
+    for axes, args in (((0, None), (xs, p)), ((None, 0), (x, ps)), ((0, 0), (xs, ps))):
+        got = jax.vmap(g, in_axes=axes)(*args)
+        for i in range(2):
+            xi, pi = (a[i] if ax == 0 else a for a, ax in zip(args, axes))
+            np.testing.assert_allclose(got[i], g(xi, pi), rtol=1e-6, atol=1e-6, err_msg=axes)
+    with pytest.raises(ValueError, match="passthrough"):
+        pointwise_conv_bias_act(x, wb, act, fn, interleave_with=p[..., : k - 1])
+
+
+def test_interleaved_pointwise_runs_per_batch_shard(ffi_ok: bool) -> None:
+    from tests.ops.test_depthwise import _run_python
+
+    code = """
+        import jax, jax.numpy as jnp, numpy as np
+        from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+        from nanodet_jax.ops import pointwise_conv_bias_act
+        assert jax.device_count() == 2
+        mesh = Mesh(np.array(jax.devices()), ("data",))
+        rng = np.random.default_rng(0)
+        x = jnp.asarray(rng.standard_normal((4, 6, 6, 24)), jnp.float32)
+        p = jnp.asarray(rng.standard_normal((4, 6, 6, 40)), jnp.float32)
+        wb = jnp.asarray(rng.standard_normal((1, 1, 25, 20)), jnp.float32)
+        relu = lambda v: jnp.maximum(v, 0)
+        f = lambda x, wb, p: pointwise_conv_bias_act(x, wb, "ReLU", relu, interleave_with=p,
+                                                     impl="ffi")
+        data, rep = NamedSharding(mesh, P("data")), NamedSharding(mesh, P())
+        sharded = jax.jit(f, in_shardings=(data, rep, data), out_shardings=data)
+        np.testing.assert_allclose(sharded(x, wb, p), jax.jit(f)(x, wb, p), rtol=1e-6)
+        hlo = sharded.lower(x, wb, p).compile().as_text()
+        assert "all-gather" not in hlo and "nanodet_pointwise_bias_act_interleave" in hlo
+        assert "f32[2,6,6,40]" in hlo
+        print("OK")
+    """
+    proc = _run_python(code, XLA_FLAGS="--xla_force_host_platform_device_count=2")
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "OK" in proc.stdout
+
+
 # (N, H, W, C, R, K, stride, padding): NanoDet's 3x3/2 stem, ResNet's 7x7/2, odd sizes, a
 # 4-channel input, padding 0.
 STEMS = [

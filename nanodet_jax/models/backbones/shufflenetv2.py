@@ -12,7 +12,6 @@ from nanodet_jax.models.layers import (
     Activation,
     Conv2d,
     Sequential,
-    interleave_channels,
     max_pool_3x3_s2,
     random_normal,
 )
@@ -40,8 +39,11 @@ def _bn(channels: int) -> BatchNorm2d:
 
 class ShuffleV2Block(nnx.Module):
     # Stride 1: branch2 takes the second half of the input's channels; once folded, its
-    # first (fused 1x1) convolution may read them in place (``input_channel_offset``).
+    # first (fused 1x1) convolution may read them in place (``input_channel_offset``),
+    # and its last may store the channel shuffle of the block's output
+    # (``Sequential.interleaved_with``).
     SPLIT_INPUT_BRANCH = "branch2"
+    INTERLEAVED_BRANCH = "branch2"
 
     def __init__(self, inp: int, oup: int, stride: int, activation: str, *, rngs: nnx.Rngs):
         if not 1 <= stride <= 3:
@@ -85,8 +87,8 @@ class ShuffleV2Block(nnx.Module):
         if self.stride == 1:
             half = x.shape[-1] // 2
             x2 = x if self.branch2[0].input_channel_offset == half else x[..., half:]
-            return interleave_channels(x[..., :half], self.branch2(x2))
-        return interleave_channels(self.branch1(x), self.branch2(x))
+            return self.branch2.interleaved_with(x, x2)  # x's first half passes through
+        return self.branch2.interleaved_with(self.branch1(x), x)
 
 
 class ShuffleNetV2(nnx.Module):
