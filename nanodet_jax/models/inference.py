@@ -42,7 +42,12 @@ class InferenceModel:
             graphdef, params, rest = nnx.split(model, nnx.Param, ...)
             params = jax.tree.map(lambda p: p.astype(dtype), params)
             model = nnx.merge(graphdef, params, rest)
-        self.graphdef, self.state = nnx.split(model)
+        self.set_module(model)
+
+    def set_module(self, module: nnx.Module) -> None:
+        """Prepare ``module`` (an inference copy, e.g. this one's with a fusion switched
+        off: ``benchmarks/fusions.py``) in place of the current one."""
+        self.graphdef, self.state = nnx.split(module)
         self.arrays, self._treedef = jax.tree.flatten(self.state)
 
     def merge(self, arrays: list[jax.Array]) -> nnx.Module:

@@ -62,6 +62,12 @@ def _split(wb: jax.Array, c: int, r: int) -> tuple[jax.Array, jax.Array]:
 
 _POINTWISE, _STEM = "nanodet_pointwise_bias_act", "nanodet_stem_conv_bias_act"
 _POINTWISE_INTERLEAVE = "nanodet_pointwise_bias_act_interleave"
+# Largest interleaved output (bytes) stored by the kernel; larger ones get XLA's shuffle
+# after the plain kernel. On the Zen 5 VM (2 MiB L2 per core, 32 MiB L3) the fused store
+# was 0.89-0.91x the two-pass time for 5.9 MB outputs (8 or 16 images of 40x40x116 or
+# 20x20x232) and 1.17-1.30x for 11.9 MB (16 x 40x40x116), where the three tensors no
+# longer fit the L3 (benchmarks/fusions.py times the whole model).
+INTERLEAVE_MAX_BYTES = 8 << 20
 
 
 @functools.cache
@@ -138,8 +144,13 @@ def _fused(
     # An activation the epilogue lacks must come before the pool: pool in XLA then.
     fused_pool = max_pool and fused_act == activation
 
-    # The shuffle goes into the kernel only when nothing runs between it and the store.
-    fused_interleave = passthrough is not None and fused_act == activation
+    # The shuffle goes into the kernel only when nothing runs between it and the store,
+    # and only for outputs that stay in cache (INTERLEAVE_MAX_BYTES).
+    fused_interleave = (
+        passthrough is not None
+        and fused_act == activation
+        and 2 * k * int(np.prod(x.shape[:3])) * 4 <= INTERLEAVE_MAX_BYTES
+    )
 
     def cpu(x: jax.Array, wb: jax.Array, p: jax.Array | None = None) -> jax.Array:
         n, h, w, _ = x.shape
@@ -180,7 +191,8 @@ def pointwise_conv_bias_act(
 
     ``interleave_with`` ([N, H, W, >= K]): return ``interleave_channels(p[..., :K], y)``
     instead ([N, H, W, 2K], ShuffleNetV2's shuffle of ``concat([p, y])``), stored so by
-    the C++ kernel; ``p`` may be a whole block input whose first K channels pass through.
+    the C++ kernel up to ``INTERLEAVE_MAX_BYTES`` of output; ``p`` may be a whole block
+    input whose first K channels pass through.
     """
     return _fused(
         _POINTWISE, x, wb, 1, 1, 0, activation, activation_fn, impl, False, channel_offset,

@@ -112,6 +112,14 @@ def test_pointwise_stores_the_channel_shuffle(ffi_ok: bool, act: str) -> None:
             np.testing.assert_allclose(got[i], g(xi, pi), rtol=1e-6, atol=1e-6, err_msg=axes)
     with pytest.raises(ValueError, match="passthrough"):
         pointwise_conv_bias_act(x, wb, act, fn, interleave_with=p[..., : k - 1])
+    # Past INTERLEAVE_MAX_BYTES of output: the plain kernel, then XLA's shuffle.
+    wb = jnp.zeros((1, 1, 59, 58))
+    f = jax.jit(partial(pointwise_conv_bias_act, activation=act, activation_fn=fn, impl="ffi"))
+    for shape, fused in (((8, 40, 40, 58), act != "SiLU"), ((16, 40, 40, 58), False)):
+        big = jax.ShapeDtypeStruct(shape, jnp.float32)
+        hlo = f.lower(big, wb, interleave_with=big).as_text()
+        assert ("nanodet_pointwise_bias_act_interleave" in hlo) == fused, shape
+        assert "nanodet_pointwise_bias_act" in hlo
 
 
 def test_interleaved_pointwise_runs_per_batch_shard(ffi_ok: bool) -> None:
