@@ -169,53 +169,53 @@ void Pointwise(ffi::ThreadPool* pool, const float* x, int64_t lda, const float* 
   });
 }
 
-ffi::Error PointwiseImpl(ffi::ThreadPool pool, ffi::BufferR4<ffi::F32> x,
-                         ffi::BufferR4<ffi::F32> wb, ffi::ResultBufferR4<ffi::F32> y,
-                         int64_t act, float slope, int64_t offset) {
+// Both handlers: `pass` null for the plain store, else its buffer's dimensions in pd.
+ffi::Error Run(ffi::ThreadPool& pool, const ffi::BufferR4<ffi::F32>& x,
+               const ffi::BufferR4<ffi::F32>& wb, const float* pass,
+               ffi::Span<const int64_t> pd, ffi::ResultBufferR4<ffi::F32>& y, int64_t act,
+               float slope, int64_t offset) {
   const auto xd = x.dimensions(), wd = wb.dimensions(), yd = y->dimensions();
   const int64_t C = wd[2] - 1, K = wd[3];
-  const bool same_pixels = yd[0] == xd[0] && yd[1] == xd[1] && yd[2] == xd[2];
-  if (wd[0] != 1 || wd[1] != 1 || offset < 0 || offset + C > xd[3] || yd[3] != K ||
-      !same_pixels) {
+  const bool interleave = pass != nullptr;
+  bool ok = wd[0] == 1 && wd[1] == 1 && offset >= 0 && offset + C <= xd[3] &&
+            yd[3] == (interleave ? 2 * K : K) && yd[0] == xd[0] && yd[1] == xd[1] &&
+            yd[2] == xd[2];
+  if (interleave) ok = ok && pd[0] == xd[0] && pd[1] == xd[1] && pd[2] == xd[2] && pd[3] >= K;
+  if (!ok) {
     return ffi::Error::InvalidArgument(
-        "pointwise: x [N, H, W, >= channel_offset + C], weights [1, 1, C + 1, K], output "
-        "[N, H, W, K] expected");
+        interleave ? "pointwise (interleaved): x [N, H, W, >= channel_offset + C], weights "
+                     "[1, 1, C + 1, K], passthrough [N, H, W, >= K], output [N, H, W, 2K] "
+                     "expected"
+                   : "pointwise: x [N, H, W, >= channel_offset + C], weights [1, 1, C + 1, "
+                     "K], output [N, H, W, K] expected");
   }
   if (!ValidActivation(act)) return ffi::Error::InvalidArgument("pointwise: unknown activation");
   Epilogue epi;
   epi.bias = wb.typed_data() + C * K;
   epi.act = act;
   epi.slope = slope;
-  Output out{y->typed_data(), K};
-  Pointwise<false>(&pool, x.typed_data() + offset, xd[3], wb.typed_data(), out,
-                   xd[0] * xd[1] * xd[2], C, K, epi);
+  const float* a = x.typed_data() + offset;
+  const int64_t P = xd[0] * xd[1] * xd[2];
+  if (interleave) {
+    const Output out{y->typed_data(), 2 * K, pass, pd[3]};
+    Pointwise<true>(&pool, a, xd[3], wb.typed_data(), out, P, C, K, epi);
+  } else {
+    Pointwise<false>(&pool, a, xd[3], wb.typed_data(), Output{y->typed_data(), K}, P, C, K, epi);
+  }
   return ffi::Error::Success();
+}
+
+ffi::Error PointwiseImpl(ffi::ThreadPool pool, ffi::BufferR4<ffi::F32> x,
+                         ffi::BufferR4<ffi::F32> wb, ffi::ResultBufferR4<ffi::F32> y,
+                         int64_t act, float slope, int64_t offset) {
+  return Run(pool, x, wb, nullptr, x.dimensions(), y, act, slope, offset);
 }
 
 ffi::Error PointwiseInterleaveImpl(ffi::ThreadPool pool, ffi::BufferR4<ffi::F32> x,
                                    ffi::BufferR4<ffi::F32> wb, ffi::BufferR4<ffi::F32> pass,
                                    ffi::ResultBufferR4<ffi::F32> y, int64_t act, float slope,
                                    int64_t offset) {
-  const auto xd = x.dimensions(), wd = wb.dimensions(), pd = pass.dimensions(),
-             yd = y->dimensions();
-  const int64_t C = wd[2] - 1, K = wd[3];
-  const bool same_pixels = yd[0] == xd[0] && yd[1] == xd[1] && yd[2] == xd[2] &&
-                           pd[0] == xd[0] && pd[1] == xd[1] && pd[2] == xd[2];
-  if (wd[0] != 1 || wd[1] != 1 || offset < 0 || offset + C > xd[3] || yd[3] != 2 * K ||
-      pd[3] < K || !same_pixels) {
-    return ffi::Error::InvalidArgument(
-        "pointwise (interleaved): x [N, H, W, >= channel_offset + C], weights [1, 1, C + 1, "
-        "K], passthrough [N, H, W, >= K], output [N, H, W, 2K] expected");
-  }
-  if (!ValidActivation(act)) return ffi::Error::InvalidArgument("pointwise: unknown activation");
-  Epilogue epi;
-  epi.bias = wb.typed_data() + C * K;
-  epi.act = act;
-  epi.slope = slope;
-  Output out{y->typed_data(), 2 * K, pass.typed_data(), pd[3]};
-  Pointwise<true>(&pool, x.typed_data() + offset, xd[3], wb.typed_data(), out,
-                  xd[0] * xd[1] * xd[2], C, K, epi);
-  return ffi::Error::Success();
+  return Run(pool, x, wb, pass.typed_data(), pass.dimensions(), y, act, slope, offset);
 }
 
 }  // namespace
