@@ -69,13 +69,14 @@ class Sequential(nnx.List):
         ``stores_interleaved`` (a fused 1x1 with only identities after it), that layer's
         kernel stores the shuffled result itself."""
         layers = list(self)
-        marked = [i for i, m in enumerate(layers) if getattr(m, "stores_interleaved", False)]
-        if marked:
-            for layer in layers[: marked[-1]]:
-                x = layer(x)
-            return layers[marked[-1]](x, interleave_with=passthrough)
-        y = self(x)
-        return interleave_channels(passthrough[..., : y.shape[-1]], y)
+        marked = next(
+            (i for i, m in enumerate(layers) if getattr(m, "stores_interleaved", 0)), None
+        )
+        if marked is None:
+            return interleave_channels(passthrough, self(x))
+        for layer in layers[:marked]:
+            x = layer(x)
+        return layers[marked](x, interleave_with=passthrough)
 
 
 ACTIVATIONS: dict[str | None, Callable[[jax.Array], jax.Array]] = {

@@ -274,13 +274,10 @@ def batchable(
             return x if batched else jnp.broadcast_to(x, (axis_size, *x.shape))
 
         if fold and not in_batched[1]:
-            n = arrays[0].shape[0] if not in_batched[0] else arrays[0].shape[1]
+            nhwc = [full(x, b) for i, (x, b) in enumerate(zip(arrays, in_batched)) if i != 1]
+            n = nhwc[0].shape[1]
             merged = (axis_size * n, *out_shape[1:])
-            nhwc = [
-                full(x, b).reshape(axis_size * n, *x.shape[-3:])
-                for i, (x, b) in enumerate(zip(arrays, in_batched))
-                if i != 1
-            ]
+            nhwc = [x.reshape(axis_size * n, *x.shape[2:]) for x in nhwc]
             y = batchable(op, merged, stride, padding, fold)(nhwc[0], arrays[1], *nhwc[1:])
             return y.reshape(axis_size, n, *out_shape[1:]), True
         arrays = tuple(full(x, b) for x, b in zip(arrays, in_batched))

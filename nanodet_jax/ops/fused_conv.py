@@ -122,7 +122,7 @@ def _fused(
     operands = (x, wb) if passthrough is None else (x, wb, passthrough)
 
     def interleaved(y: jax.Array, p: jax.Array | None) -> jax.Array:
-        return y if p is None else interleave_channels(p[..., :k].astype(y.dtype), y)
+        return y if p is None else interleave_channels(p.astype(y.dtype), y)
 
     def unfused(x: jax.Array, wb: jax.Array, p: jax.Array | None = None) -> jax.Array:
         x = x[..., channel_offset : channel_offset + c]
@@ -161,14 +161,12 @@ def _fused(
         f32 = [x.astype(jnp.float32), wb.astype(jnp.float32)]
         if fused_interleave:
             op = _op(_POINTWISE_INTERLEAVE, act, False, channel_offset)
-            f32.append(p.astype(jnp.float32))
-            shape = (n, *hw, 2 * k)
-        else:
-            op = _op(target, act, fused_pool, channel_offset)
-            shape = (n, *hw, k)
-        y = batchable(op, shape, stride, padding, fold=True)(*f32).astype(x.dtype)
-        if fused_interleave:
-            return y
+            y = batchable(op, (n, *hw, 2 * k), stride, padding, fold=True)(
+                *f32, p.astype(jnp.float32)
+            )
+            return y.astype(x.dtype)
+        op = _op(target, act, fused_pool, channel_offset)
+        y = batchable(op, (n, *hw, k), stride, padding, fold=True)(*f32).astype(x.dtype)
         y = y if fused_act == activation else activation_fn(y)
         return interleaved(max_pool_3x3_s2(y) if max_pool and not fused_pool else y, p)
 
