@@ -14,7 +14,13 @@ import numpy as np
 import pytest
 
 from nanodet_jax.ops import conv3x3
-from nanodet_jax.ops.conv3x3 import ENV_VAR, conv3x3_lax
+from nanodet_jax.ops.conv3x3 import (
+    ENV_VAR,
+    MIN_SIDE_FOR_4X4,
+    conv3x3_lax,
+    conv3x3_winograd,
+    winograd_tile,
+)
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -39,24 +45,48 @@ def _data(case: tuple[int, ...], seed: int = 0) -> tuple[jax.Array, jax.Array, j
     return x, kern, g
 
 
-def _value_and_grads(impl: str, x: jax.Array, kern: jax.Array, g: jax.Array):
+def _value_and_grads(conv, x: jax.Array, kern: jax.Array, g: jax.Array):
     @jax.jit
     def run(x, kern, g):
-        y, vjp = jax.vjp(lambda x, kern: conv3x3(x, kern, impl=impl), x, kern)
+        y, vjp = jax.vjp(conv, x, kern)
         return (y, *vjp(g))
 
     return run(x, kern, g)
 
 
+@pytest.mark.parametrize("tile", [2, 4])
 @pytest.mark.parametrize("case", CASES, ids=lambda c: "x".join(map(str, c)))
-def test_matches_lax(ffi_ok: bool, case: tuple[int, ...]) -> None:
+def test_matches_lax(ffi_ok: bool, case: tuple[int, ...], tile: int) -> None:
     x, kern, g = _data(case)
-    ours = _value_and_grads("ffi", x, kern, g)
-    ref = _value_and_grads("lax", x, kern, g)
+    ours = _value_and_grads(lambda x, k: conv3x3_winograd(x, k, tile), x, kern, g)
+    ref = _value_and_grads(conv3x3_lax, x, kern, g)
+    # Measured (relative to the largest value): F(2x2, 3x3) <= 7.3e-7, F(4x4, 3x3)
+    # <= 1.1e-5 (its larger transform coefficients); float32's own summation-order
+    # differences are ~1e-6.
+    tol = 3e-6 if tile == 2 else 3e-5
     for name, a, b in zip(("y", "dx", "dkernel"), ours, ref):
         assert a.shape == b.shape, name
         err = float(jnp.max(jnp.abs(a - b)) / jnp.max(jnp.abs(b)))
-        assert err < 1e-5, (name, err)  # measured <= 3.2e-6 (Winograd rounding)
+        assert err < tol, (name, err)
+
+
+def test_tile_follows_image_size(ffi_ok: bool) -> None:
+    # 4x4 output tiles from MIN_SIDE_FOR_4X4 pixels on the shorter side, 2x2 below; the
+    # packed weights say which (36 or 16 points) and the weight gradient is told.
+    small, large = MIN_SIDE_FOR_4X4 - 1, MIN_SIDE_FOR_4X4
+    assert winograd_tile(small, 40) == 2 and winograd_tile(large, large) == 4
+    for side, tile in ((small, 2), (large, 4)):
+        x, kern, g = _data((1, side, side + 3, 8, 8))
+        loss = lambda k, x=x, g=g: jnp.sum(conv3x3(x, k, impl="ffi") * g)  # noqa: E731
+        hlo = jax.jit(jax.value_and_grad(loss)).lower(kern).as_text()
+        calls = [line for line in hlo.splitlines() if "@nanodet_winograd" in line]
+        forward = [c for c in calls if "@nanodet_winograd_conv3x3(" in c]
+        wgrad = [c for c in calls if "@nanodet_winograd_conv3x3_weight_grad(" in c]
+        assert len(forward) == 1 and len(wgrad) == 1, calls
+        assert f"tensor<{(tile + 2) ** 2}x" in forward[0], forward[0]  # packed U's points
+        assert f"tile = {tile} : i32" in wgrad[0], wgrad[0]
+    with pytest.raises(ValueError, match="2 or 4"):
+        conv3x3_winograd(x, kern, 3)
 
 
 def test_program_uses_kernel_and_env_var(monkeypatch: pytest.MonkeyPatch, ffi_ok: bool) -> None:

@@ -1,19 +1,21 @@
-// Weight gradient of the Winograd F(2x2, 3x3) convolution in winograd.cc, for XLA:CPU.
+// Weight gradient of the Winograd F(m x m, 3 x 3) convolution in winograd.cc (m = 2 or
+// 4, the matrices in winograd.h), for XLA:CPU.
 //
-// The forward computes each 2x2 output tile as y = A^T [ sum_c U_ck (.) V_c ] A with
+// The forward computes each m x m output tile as y = A^T [ sum_c U_ck (.) V_c ] A with
 // U = G w G^T and V = B^T d B. Differentiating, with gy the tile's output gradient (zero
-// past the image edge at odd sizes) and A the 4x2 matrix (A^T = [1 1 1 0; 0 1 -1 -1]):
+// past the image's bottom and right edges):
 //   dW_ck = G^T M_ck G,   M_ab[c, k] = sum_tiles V_ab[tile, c] * Z_ab[tile, k],
 //   Z = A gy A^T,
-// i.e. the forward's input transform, an output-gradient transform and 16 GEMMs that
-// reduce over the tiles (2.25x fewer multiplies than the direct weight gradient).
+// i.e. the forward's input transform, an output-gradient transform and alpha^2 GEMMs that
+// reduce over the tiles (2.25x / 4x fewer multiplies than the direct weight gradient).
 //
 // Tiles are processed in blocks of kWTB: a block's V and Z are transformed into
 // thread-local buffers, then a register-tiled micro-kernel adds V_ab^T Z_ab into the
-// accumulator M of its chunk (a fixed run of blocks) (16 x Cp x Kp, in panels of kNR output channels so that a
-// kMR x kNR register tile is one contiguous run). A long block amortises loading and
-// storing the accumulator tile over many FMAs. At the end the chunks' accumulators are
-// summed in chunk order and transformed by G^T . G into dW [3, 3, C, K].
+// accumulator M of its chunk (a fixed run of blocks) (alpha^2 x Cp x Kp, in panels of kNR
+// output channels so that a kMR x kNR register tile is one contiguous run). A long block
+// amortises loading and storing the accumulator tile over many FMAs. At the end the
+// chunks' accumulators are summed in chunk order and transformed by G^T . G into dW
+// [3, 3, C, K].
 #include <algorithm>
 #include <cstdint>
 #include <mutex>
@@ -28,7 +30,11 @@ namespace {
 using namespace nanodet_ffi;       // NOLINT: Vec, loads/stores, ParallelFor, ffi
 using namespace nanodet_winograd;  // NOLINT: kNR, kMR, Geometry, InputTransform
 
-constexpr int64_t kWTB = 64;  // tiles per block (the GEMMs' reduction length per pass)
+// Tiles per block (the GEMMs' reduction length per pass). A block's V and Z (alpha^2 x
+// kWTB x (Cp + Kp) floats) should stay in L2. Measured at [16, 40, 40, 192] on Zen 5:
+// m = 4: 23.4 ms at 32 tiles, 24.8-25.1 at 48-128, 29.3 at 16; m = 2: 64-96 within noise.
+template <int M>
+constexpr int64_t kWTB = M == 2 ? 64 : 32;
 
 // All Cp rows: kMR-row register tiles, then 4-row and single-row ones for the remainder
 // (with AVX-512, Cp a multiple of 16 and kMR = 12, the remainder is 0, 4 or 8 rows).
@@ -74,78 +80,74 @@ class BufferPool {
 
 // Z[ab][panel][tt][:] = A gy A^T for the tiles t0 .. t0 + tb - 1 (zeros past the last tile
 // and in the padding channels K .. Kp).
+template <int M>
 void GradTransform(const Geometry& g, const float* gy, int64_t t0, int64_t tb, float* Z) {
+  constexpr int A = Tile<M>::kAlpha;
   const Vec zero = {};
   const int64_t npanels = g.Kp / kNR;
+  const int64_t ab_stride = npanels * tb * kNR;
   for (int64_t tt = 0; tt < tb; ++tt) {
     const int64_t t = t0 + tt;
-    const float* src[2][2] = {{nullptr, nullptr}, {nullptr, nullptr}};
+    const float* src[M][M] = {};
     if (t < g.T) {
       const int64_t n = t / (g.th * g.tw), i = (t / g.tw) % g.th, j = t % g.tw;
-      for (int r = 0; r < 2; ++r) {
-        for (int s = 0; s < 2; ++s) {
-          if (2 * i + r < g.H && 2 * j + s < g.W) {
-            src[r][s] = gy + ((n * g.H + 2 * i + r) * g.W + 2 * j + s) * g.K;
+      for (int r = 0; r < M; ++r) {
+        for (int s = 0; s < M; ++s) {
+          if (M * i + r < g.H && M * j + s < g.W) {
+            src[r][s] = gy + ((n * g.H + M * i + r) * g.W + M * j + s) * g.K;
           }
         }
       }
     }
     for (int64_t k = 0; k < g.Kp; k += kLanes) {
       const int64_t left = g.K - k;
-      Vec d[2][2];
-      for (int r = 0; r < 2; ++r) {
-        for (int s = 0; s < 2; ++s) {
+      Vec q[A][M];  // q[.][s] = A gy[.][s], column by column
+      for (int s = 0; s < M; ++s) {
+        Vec d[M], col[A];
+        for (int r = 0; r < M; ++r) {
           const float* p = src[r][s];
-          d[r][s] = p == nullptr || left <= 0
-                        ? zero
-                        : (left >= kLanes ? Load(p + k) : LoadN(p + k, static_cast<int>(left)));
+          d[r] = p == nullptr || left <= 0
+                     ? zero
+                     : (left >= kLanes ? Load(p + k) : LoadN(p + k, static_cast<int>(left)));
         }
-      }
-      Vec q[4][2];  // A gy
-      for (int s = 0; s < 2; ++s) {
-        q[0][s] = d[0][s];
-        q[1][s] = d[0][s] + d[1][s];
-        q[2][s] = d[0][s] - d[1][s];
-        q[3][s] = -d[1][s];
+        Tile<M>::Grad(d, col);
+        for (int a = 0; a < A; ++a) q[a][s] = col[a];
       }
       float* z = Z + ((k / kNR) * tb + tt) * kNR + k % kNR;
-      const int64_t ab_stride = npanels * tb * kNR;
-      for (int a = 0; a < 4; ++a) {  // (A gy) A^T
-        Store(z + (4 * a + 0) * ab_stride, q[a][0]);
-        Store(z + (4 * a + 1) * ab_stride, q[a][0] + q[a][1]);
-        Store(z + (4 * a + 2) * ab_stride, q[a][0] - q[a][1]);
-        Store(z + (4 * a + 3) * ab_stride, -q[a][1]);
+      for (int a = 0; a < A; ++a) {  // (A gy) A^T, row by row
+        Vec row[A];
+        Tile<M>::Grad(q[a], row);
+        for (int b = 0; b < A; ++b) Store(z + (A * a + b) * ab_stride, row[b]);
       }
     }
   }
 }
 
 // dw[u][v][c][:] = (G^T m G)[u][v] for the accumulator rows c0 .. c1 - 1, summed over
-// the chunks' accumulators; G^T = [1 .5 .5 0; 0 .5 -.5 0; 0 .5 .5 1].
+// the chunks' accumulators.
+template <int M>
 void WeightTransform(const Geometry& g, const float* const* accs, int nacc, int64_t c0,
                      int64_t c1, float* dw) {
+  constexpr int A = Tile<M>::kAlpha;
   const int64_t npanels = g.Kp / kNR;
-  const Vec half = Vec{} + 0.5f;
   for (int64_t c = c0; c < c1; ++c) {
     for (int64_t k = 0; k < g.K; k += kLanes) {
       const int nk = static_cast<int>(std::min<int64_t>(kLanes, g.K - k));
-      Vec m[4][4];
-      for (int ab = 0; ab < 16; ++ab) {
-        const int64_t at = ((ab * npanels + k / kNR) * g.Cp + c) * kNR + k % kNR;
-        Vec s = Load(accs[0] + at);
-        for (int w = 1; w < nacc; ++w) s += Load(accs[w] + at);
-        m[ab / 4][ab % 4] = s;
-      }
-      Vec e[3][4];  // G^T m
-      for (int b = 0; b < 4; ++b) {
-        const Vec mid = half * (m[1][b] + m[2][b]);
-        e[0][b] = m[0][b] + mid;
-        e[1][b] = half * (m[1][b] - m[2][b]);
-        e[2][b] = mid + m[3][b];
+      Vec e[3][A];  // e[.][b] = G^T m[.][b], column by column
+      for (int b = 0; b < A; ++b) {
+        Vec m[A], col[3];
+        for (int a = 0; a < A; ++a) {
+          const int64_t at = (((A * a + b) * npanels + k / kNR) * g.Cp + c) * kNR + k % kNR;
+          Vec s = Load(accs[0] + at);
+          for (int w = 1; w < nacc; ++w) s += Load(accs[w] + at);
+          m[a] = s;
+        }
+        Tile<M>::Weight(m, col);
+        for (int u = 0; u < 3; ++u) e[u][b] = col[u];
       }
       for (int u = 0; u < 3; ++u) {  // (G^T m) G
-        const Vec mid = half * (e[u][1] + e[u][2]);
-        const Vec o[3] = {e[u][0] + mid, half * (e[u][1] - e[u][2]), mid + e[u][3]};
+        Vec o[3];
+        Tile<M>::Weight(e[u], o);
         for (int v = 0; v < 3; ++v) {
           float* dst = dw + ((u * 3 + v) * g.C + c) * g.K + k;
           if (nk == kLanes) Store(dst, o[v]); else StoreN(dst, o[v], nk);
@@ -155,13 +157,14 @@ void WeightTransform(const Geometry& g, const float* const* accs, int nacc, int6
   }
 }
 
+template <int M>
 void WeightGrad(ffi::ThreadPool* pool, const Geometry& g, const float* x, const float* gy,
                 float* dw) {
   const int64_t npanels = g.Kp / kNR;
   const int workers = NumWorkers(pool);
   // Blocks of up to kWTB tiles, as many as a multiple of the workers when there are few
   // (small images), so that no worker waits on another's extra block.
-  int64_t nblocks = (g.T + kWTB - 1) / kWTB;
+  int64_t nblocks = (g.T + kWTB<M> - 1) / kWTB<M>;
   if (nblocks < 8 * workers) {
     nblocks = std::min(g.T, (nblocks + workers - 1) / workers * workers);
   }
@@ -171,26 +174,27 @@ void WeightGrad(ffi::ThreadPool* pool, const Geometry& g, const float* x, const 
   // nothing needs zeroing), summed in chunk order: which thread runs a chunk varies from
   // call to call, the result must not (training resumes bit-exactly).
   const int64_t nacc = std::min<int64_t>(workers, nblocks);
-  const int64_t acc_size = 16 * g.Cp * g.Kp;
+  constexpr int P = Tile<M>::kPoints;
+  const int64_t acc_size = P * g.Cp * g.Kp;
   static BufferPool buffers;
   std::vector<float> acc = buffers.Take(nacc * acc_size);
   ParallelFor(pool, workers, nacc, [&](int, int64_t chunk) {
     thread_local std::vector<float> vbuf, zbuf;
-    vbuf.resize(16 * tb * g.Cp);
-    zbuf.resize(16 * tb * g.Kp);
+    vbuf.resize(P * tb * g.Cp);
+    zbuf.resize(P * tb * g.Kp);
     float* V = vbuf.data();
     float* Z = zbuf.data();
-    float* M = acc.data() + chunk * acc_size;
+    float* acc_m = acc.data() + chunk * acc_size;
     const int64_t b0 = nblocks * chunk / nacc, b1 = nblocks * (chunk + 1) / nacc;
     for (int64_t block = b0; block < b1; ++block) {
       const int64_t t0 = block * tb;
-      InputTransform(g, x, t0, tb, V);
-      GradTransform(g, gy, t0, tb, Z);
-      for (int ab = 0; ab < 16; ++ab) {
+      InputTransform<M>(g, x, t0, tb, V);
+      GradTransform<M>(g, gy, t0, tb, Z);
+      for (int ab = 0; ab < P; ++ab) {
         for (int64_t p = 0; p < npanels; ++p) {
           const float* v = V + ab * tb * g.Cp;
           const float* z = Z + (ab * npanels + p) * tb * kNR;
-          float* m = M + (ab * npanels + p) * g.Cp * kNR;
+          float* m = acc_m + (ab * npanels + p) * g.Cp * kNR;
           if (block == b0) {
             AccRows<true>(v, g.Cp, z, tb, m, g.Cp);
           } else {
@@ -203,19 +207,23 @@ void WeightGrad(ffi::ThreadPool* pool, const Geometry& g, const float* x, const 
   std::vector<const float*> used;
   for (int64_t w = 0; w < nacc; ++w) used.push_back(acc.data() + w * acc_size);
   const int nused = static_cast<int>(used.size());
-  // Rows of dW in parallel: each reads all accumulators (16 x nused x K floats per row).
-  const int64_t chunks = NumChunks(g.C, 16 * nused * g.K, workers);
+  // Rows of dW in parallel: each reads all accumulators (P x nused x K floats per row).
+  const int64_t chunks = NumChunks(g.C, P * nused * g.K, workers);
   ParallelFor(pool, workers, chunks, [&](int, int64_t chunk) {
     const int64_t c0 = chunk * g.C / chunks, c1 = (chunk + 1) * g.C / chunks;
-    WeightTransform(g, used.data(), nused, c0, c1, dw);
+    WeightTransform<M>(g, used.data(), nused, c0, c1, dw);
   });
   buffers.Give(std::move(acc));
 }
 
 ffi::Error WeightGradImpl(ffi::ThreadPool pool, ffi::BufferR4<ffi::F32> x,
-                          ffi::BufferR4<ffi::F32> gy, ffi::ResultBufferR4<ffi::F32> dw) {
+                          ffi::BufferR4<ffi::F32> gy, ffi::ResultBufferR4<ffi::F32> dw,
+                          int32_t tile) {
   const auto xd = x.dimensions(), gd = gy.dimensions(), wd = dw->dimensions();
-  const Geometry g(xd[0], xd[1], xd[2], xd[3], gd[3]);
+  if (tile != 2 && tile != 4) {
+    return ffi::Error::InvalidArgument("winograd conv3x3 weight grad: tile must be 2 or 4");
+  }
+  const Geometry g(xd[0], xd[1], xd[2], xd[3], gd[3], tile);
   if (gd[0] != g.N || gd[1] != g.H || gd[2] != g.W) {
     return ffi::Error::InvalidArgument("winograd conv3x3 weight grad: g must be [N, H, W, K]");
   }
@@ -226,7 +234,11 @@ ffi::Error WeightGradImpl(ffi::ThreadPool pool, ffi::BufferR4<ffi::F32> x,
     std::fill(dw->typed_data(), dw->typed_data() + 9 * g.C * g.K, 0.0f);
     return ffi::Error::Success();
   }
-  WeightGrad(&pool, g, x.typed_data(), gy.typed_data(), dw->typed_data());
+  if (tile == 4) {
+    WeightGrad<4>(&pool, g, x.typed_data(), gy.typed_data(), dw->typed_data());
+  } else {
+    WeightGrad<2>(&pool, g, x.typed_data(), gy.typed_data(), dw->typed_data());
+  }
   return ffi::Error::Success();
 }
 
@@ -237,4 +249,5 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(NanodetWinogradConv3x3WeightGrad, WeightGradImpl,
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::BufferR4<ffi::F32>>()
                                   .Arg<ffi::BufferR4<ffi::F32>>()
-                                  .Ret<ffi::BufferR4<ffi::F32>>());
+                                  .Ret<ffi::BufferR4<ffi::F32>>()
+                                  .Attr<int32_t>("tile"));
